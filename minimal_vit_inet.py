@@ -1,0 +1,638 @@
+"""LeJEPA pretraining of any timm backbone on a Hugging Face image dataset (default: ViT-L/14 on ImageNet-1k).
+
+LeJEPA (Balestriero & LeCun, arXiv 2511.08544): no teacher, no stop-gradient, no predictor. Every image
+gives V views (2 global + 6 local); the loss pulls each view's projection towards the mean projection of
+the global views (invariance) and pushes each view's projections towards an isotropic Gaussian (SIGReg):
+
+    loss = (1 - lambda) * invariance + lambda * SIGReg,      lambda = 0.05
+
+An online linear probe (LayerNorm + Linear on the detached backbone embedding) trains alongside and is
+evaluated on the validation split after every epoch. Defaults are the paper's ViT-L / IN-1k / 100-epoch
+recipe (seed README). Figures for this script (accuracy, time, memory) are NOT measured yet.
+
+Commands (every Config field below is a flag: --field value):
+    # one GPU (or CPU, single process)
+    python minimal_vit_inet.py --model vit_small_patch16_224 --batch_size 256
+    # one node, 8 GPUs: the seed recipe (global batch 512 = 64 per GPU)
+    torchrun --nproc_per_node=8 minimal_vit_inet.py
+    # two nodes through torchrun's rendezvous (run on every node)
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=lejepa minimal_vit_inet.py
+    # offline: a local folder of images by class (root/train/<class>/*.jpg, optional root/validation/...)
+    python minimal_vit_inet.py --dataset /data/imagenette --model vit_small_patch16_224 --epochs 800
+    # resume: run the same command with the same --out_dir; it continues where it stopped
+ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms on the hub and `huggingface-cli login` first.
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import timm
+import datasets
+from datasets.distributed import split_dataset_by_node
+from PIL import Image, ImageFilter
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.ops import MLP
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from sigreg import SIGReg
+
+
+# -----------------------------------------------------------------------------
+# Config: every field is a command-line flag (--field value)
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "timm/imagenet-1k-wds"  # hub id, local image folder (imagefolder) or save_to_disk folder
+    dataset_config: str = ""  # hub config name ("" = default)
+    train_split: str = "train"
+    val_split: str = "validation"  # labelled split for the online probe ("" or missing = no evaluation)
+    image_column: str = ""  # "" = auto (Image feature, else image/img/jpg)
+    label_column: str = ""  # "" = auto (ClassLabel feature, else label/cls/fine_label); labels only feed the probe
+    num_classes: int = 0  # 0 = auto (ClassLabel, else max label + 1; 1000 for imagenet-1k when streaming)
+    streaming: bool = False  # stream hub data (no full download); shards split across ranks
+    shuffle_buffer: int = 10_000  # streaming only: shuffle buffer size per rank
+    steps_per_epoch: int = 0  # 0 = dataset size // global batch (streaming needs the size in the hub metadata)
+    workers: int = 10  # DataLoader workers per rank: JPEG decoding + augmentation happen there
+    # views (seed README table; paper ablation: V = 2 global + 6 local is the sweet spot)
+    n_global: int = 2  # global views; the invariance targets are their mean
+    n_local: int = 6  # local views
+    global_size: int = 224  # px
+    local_size: int = 98  # px (14 divides both 224 and 98: one ViT-L/14 serves both)
+    global_scale: tuple[float, float] = (0.3, 1.0)  # RandomResizedCrop area fraction
+    local_scale: tuple[float, float] = (0.05, 0.3)
+    # model
+    model: str = "vit_large_patch14_224"  # any timm name (ViT, ConvNeXt, ResNet, ...), trained from scratch
+    drop_path: float = 0.0  # stochastic depth; > 0 makes resume not bit-exact (its RNG is not checkpointed)
+    proj_hidden: int = 2048  # projector MLP hidden width (BatchNorm + ReLU after each hidden layer)
+    proj_dim: int = 128  # projector output = the space where invariance and SIGReg are measured
+    compile: bool = False  # torch.compile the backbone
+    # loss
+    lamb: float = 0.05  # lambda: weight of SIGReg in (1 - lambda) * invariance + lambda * SIGReg (paper Sec. 6)
+    num_slices: int = 1024  # SIGReg random directions per step (paper: 1024)
+    # optimisation (seed README: AdamW, lr 5e-4, wd 5e-2 ViT / 5e-4 ResNet, warm-up + cosine to lr/1000)
+    epochs: int = 100
+    batch_size: int = 512  # GLOBAL images per step, split evenly over ranks (paper ablation: 512 is best)
+    lr: float = 5e-4  # peak learning rate, not scaled with the batch
+    weight_decay: float = -1.0  # < 0 = auto: 5e-2 for ViTs, 5e-4 for convnets
+    warmup_epochs: float = 10.0  # linear warm-up (the paper does not state its length; DINO uses 10)
+    final_lr_div: float = 1000.0  # cosine ends at lr / final_lr_div at the very last step
+    probe_lr: float = 1e-3  # online probe (same schedule shape)
+    probe_weight_decay: float = 1e-6
+    bf16: bool = True  # bf16 autocast on GPU (no GradScaler: that is for fp16); CPU runs fp32
+    seed: int = 0
+    # logging and checkpoints
+    out_dir: str = "out/lejepa"  # checkpoint, metrics.jsonl, exported backbone; resumes from here
+    log_every: int = 10  # steps between metric lines (the only host syncs besides the guard below)
+    save_every: int = 1000  # steps between checkpoints (also at every epoch end)
+    stop_after: int = 0  # > 0: checkpoint and exit after this many steps, schedule unchanged (time-limited jobs)
+
+
+def parse_config(argv=None) -> Config:
+    """argparse generated from the dataclass: --field value for every field; bools take true/false."""
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        if f.type is bool or f.type == "bool":
+            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+        elif "tuple" in str(f.type):
+            p.add_argument(f"--{f.name}", type=float, nargs=2, default=f.default)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
+    # fail fast, before any heavy work, with one clear line
+    checks = [
+        (cfg.batch_size > 0, f"--batch_size must be > 0, got {cfg.batch_size}"),
+        (0.0 <= cfg.lamb <= 1.0, f"--lamb must be in [0, 1], got {cfg.lamb}"),
+        (cfg.n_global >= 1 and cfg.n_local >= 0, "need --n_global >= 1 and --n_local >= 0"),
+        (cfg.epochs > 0 and cfg.lr > 0, "--epochs and --lr must be > 0"),
+        (timm.is_model(cfg.model), f"unknown timm model {cfg.model!r}; see timm.list_models('*vit*')"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            sys.exit(f"error: {msg}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Distributed setup: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process
+
+def setup_distributed():
+    ddp = "RANK" in os.environ
+    if ddp:
+        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    else:
+        rank, world, local_rank = 0, 1, 0
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return ddp, rank, world, device
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Data: load a split, find its columns, multi-crop views (uint8, in workers), loaders
+
+IMAGE_NAMES, LABEL_NAMES = ("image", "img", "jpg", "png"), ("label", "cls", "fine_label", "labels")
+
+
+def load_split(dataset: str, split: str, config: str = "", streaming: bool = False, missing_ok: bool = False):
+    """One split of a hub dataset, a local image folder (imagefolder builder) or a save_to_disk folder.
+
+    With missing_ok, returns None when the split does not exist (e.g. no validation folder)."""
+    try:
+        if os.path.isdir(dataset) and os.path.exists(os.path.join(dataset, "dataset_dict.json")):
+            ds = datasets.load_from_disk(dataset)[split]  # a DatasetDict written by save_to_disk
+        elif os.path.isdir(dataset) and os.path.exists(os.path.join(dataset, "dataset_info.json")):
+            return datasets.load_from_disk(dataset) if split == "train" else None  # a single saved split
+        elif os.path.isdir(dataset):
+            ds = datasets.load_dataset("imagefolder", data_dir=dataset, split=split, streaming=streaming)
+        else:
+            ds = datasets.load_dataset(dataset, config or None, split=split, streaming=streaming)
+    except (ValueError, KeyError):  # unknown split name
+        if missing_ok:
+            return None
+        raise
+    if streaming and isinstance(ds, datasets.Dataset):
+        ds = ds.to_iterable_dataset(num_shards=64)  # local data, streamed like the hub
+    return ds
+
+
+def find_columns(ds, image_column: str = "", label_column: str = ""):
+    """(image column, label column or None): Image / ClassLabel features first, then common names."""
+    feats = ds.features or {}
+    names = list(feats) or list(ds.column_names or [])
+    image = image_column or next((k for k, v in feats.items() if isinstance(v, datasets.Image)), None) \
+        or next((k for k in IMAGE_NAMES if k in names), None)
+    label = label_column or next((k for k, v in feats.items() if isinstance(v, datasets.ClassLabel)), None) \
+        or next((k for k in LABEL_NAMES if k in names), None)
+    if image is None:
+        raise ValueError(f"no image column found among {names}; pass --image_column")
+    return image, label
+
+
+def count_classes(ds, label_col, dataset_name: str = "") -> int:
+    """Number of classes for the probe: ClassLabel, else max label + 1 (map-style) or 1000 for ImageNet-1k."""
+    feat = (ds.features or {}).get(label_col)
+    if isinstance(feat, datasets.ClassLabel):
+        return feat.num_classes
+    if isinstance(ds, datasets.Dataset):
+        return int(max(ds[label_col])) + 1
+    if "imagenet-1k" in dataset_name:
+        return 1000
+    raise ValueError("cannot count classes of a streamed dataset without ClassLabel; pass --num_classes")
+
+
+def _uniform(g, lo=0.0, hi=1.0) -> float:
+    return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+
+class MultiCrop:
+    """DINO-style multi-crop with the seed README's augmentations, on a PIL image.
+
+    mc(img, generator) -> [global] * n_global + [local] * n_local, uint8 tensors (3, H, W).
+    Every random draw uses `generator`, so a view depends only on the image and the generator's seed.
+    Crop first (cheap: colour work then runs on 224/98 px, not the full image), then flip, colour
+    jitter (p 0.8, random order like torchvision), grayscale (0.2), Gaussian blur (0.5), solarize (0.2)."""
+
+    def __init__(self, global_size=224, local_size=98, n_global=2, n_local=6,
+                 global_scale=(0.3, 1.0), local_scale=(0.05, 0.3)):
+        self.global_size, self.local_size, self.n_global, self.n_local = global_size, local_size, n_global, n_local
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+
+    def __call__(self, img: Image.Image, generator: torch.Generator) -> list:
+        img = img.convert("RGB")
+        return [self.view(img, self.global_size, self.global_scale, generator) for _ in range(self.n_global)] + \
+               [self.view(img, self.local_size, self.local_scale, generator) for _ in range(self.n_local)]
+
+    @staticmethod
+    def crop_box(width, height, scale, g, ratio=(3 / 4, 4 / 3)):
+        """RandomResizedCrop's box (left, top, right, bottom): torchvision's algorithm, 10 tries then centre."""
+        area = width * height
+        for _ in range(10):
+            target = area * _uniform(g, *scale)
+            aspect = math.exp(_uniform(g, math.log(ratio[0]), math.log(ratio[1])))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                left = int(torch.randint(0, width - w + 1, (), generator=g))
+                top = int(torch.randint(0, height - h + 1, (), generator=g))
+                return left, top, left + w, top + h
+        w, h = width, height  # fallback: centre crop clamped to the allowed aspect ratios
+        if width / height < ratio[0]:
+            h = round(width / ratio[0])
+        elif width / height > ratio[1]:
+            w = round(height * ratio[1])
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def view(self, img, size, scale, g) -> torch.Tensor:
+        img = img.resize((size, size), Image.BILINEAR, box=self.crop_box(*img.size, scale, g))  # crop + resize
+        if _uniform(g) < 0.5:
+            img = TF.horizontal_flip(img)
+        if _uniform(g) < 0.8:  # ColorJitter(0.4, 0.4, 0.2, 0.1), factors drawn then applied in random order
+            factors = [_uniform(g, 0.6, 1.4), _uniform(g, 0.6, 1.4), _uniform(g, 0.8, 1.2), _uniform(g, -0.1, 0.1)]
+            ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+            for i in torch.randperm(4, generator=g).tolist():
+                img = ops[i](img, factors[i])
+        if _uniform(g) < 0.2:
+            img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        if _uniform(g) < 0.5:
+            img = img.filter(ImageFilter.GaussianBlur(radius=_uniform(g, 0.1, 2.0)))  # PIL radius = sigma
+        if _uniform(g) < 0.2:
+            img = TF.solarize(img, threshold=128)
+        return TF.pil_to_tensor(img)  # uint8 (3, size, size); float + normalise happen on the device
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float normalised with the ImageNet mean/std, on x's device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+def eval_transform(img: Image.Image, size: int) -> torch.Tensor:
+    """Resize the short side to size / 0.875, centre-crop size: the usual ImageNet evaluation view, uint8."""
+    img = TF.resize(img.convert("RGB"), int(size / 0.875), interpolation=TF.InterpolationMode.BICUBIC)
+    return TF.pil_to_tensor(TF.center_crop(img, [size, size]))
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Augmentation seed of one sample: the same for any worker count, world size or resume point."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class ViewsDataset(torch.utils.data.Dataset):
+    """Map-style: item (epoch, index) -> (views, label). The sampler passes the epoch with the index."""
+
+    def __init__(self, ds, image_col, label_col, multicrop, seed):
+        self.ds, self.image_col, self.label_col, self.mc, self.seed = ds, image_col, label_col, multicrop, seed
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        row = self.ds[i]  # decodes the image (PIL) here, in a worker
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i))
+        return self.mc(row[self.image_col], g), (row[self.label_col] if self.label_col else -1)
+
+
+class StreamViews(torch.utils.data.IterableDataset):
+    """Streaming: (views, label) from a datasets.IterableDataset, which splits its shards over workers itself.
+    Augmentations use each worker's own RNG (seeded by the DataLoader), so a streamed resume is not exact."""
+
+    def __init__(self, ds, image_col, label_col, transform):
+        self.ds, self.image_col, self.label_col, self.transform = ds, image_col, label_col, transform
+
+    def __iter__(self):
+        for row in self.ds:
+            yield self.transform(row[self.image_col]), (row[self.label_col] if self.label_col else -1)
+
+
+def train_batches(cfg, ds, views, epoch, skip, rank, world, per_rank, steps_per_epoch):
+    """The (views, labels) batches of one epoch on this rank, after skipping `skip` (resume mid-epoch)."""
+    if isinstance(ds, datasets.Dataset):  # map-style: DistributedSampler order, skip without decoding
+        sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)  # a new permutation each epoch, the same on all ranks
+        order = list(sampler)[skip * per_rank: steps_per_epoch * per_rank]
+        loader = DataLoader(views, per_rank, sampler=[(epoch, i) for i in order], num_workers=cfg.workers,
+                            drop_last=True, pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_ignores_sigterm)
+        yield from loader
+        return
+    ds.set_epoch(epoch)  # streaming: reshuffles shards and buffer, same seed on all ranks
+    done = 0
+    while True:  # a rank whose shards run dry restarts them: every rank must do the same number of steps
+        for b, batch in enumerate(DataLoader(views, per_rank, num_workers=cfg.workers, drop_last=True,
+                                                worker_init_fn=_worker_ignores_sigterm)):
+            if done >= skip:  # skipped batches are decoded (streams cannot seek)
+                yield batch
+            done += 1
+            if done == steps_per_epoch:
+                return
+
+
+def eval_loader(cfg, ds, image_col, label_col, rank, world, per_rank):
+    """Validation batches (uint8 centre crops, labels); each rank gets a disjoint share, none repeated."""
+    def transform(img):
+        return eval_transform(img, cfg.global_size)
+    if isinstance(ds, datasets.Dataset):
+        data = ViewsDataset(ds, image_col, label_col, lambda img, g: transform(img), cfg.seed)
+        sampler = [(0, i) for i in range(rank, len(ds), world)]
+        return DataLoader(data, per_rank, sampler=sampler, num_workers=cfg.workers, worker_init_fn=_worker_ignores_sigterm)
+    ds = split_dataset_by_node(ds, rank, world)
+    return DataLoader(StreamViews(ds, image_col, label_col, transform), per_rank, num_workers=cfg.workers,
+                      worker_init_fn=_worker_ignores_sigterm)
+
+
+# -----------------------------------------------------------------------------
+# Model: timm backbone -> embedding (probe reads it) -> BatchNorm MLP projector (the loss reads it)
+
+def build_backbone(name: str, img_size: int = 224, drop_path: float = 0.0) -> nn.Module:
+    """A timm model from scratch with no classifier: model(x) is the (B, D) embedding (CLS token / pooled).
+    ViTs get dynamic_img_size so one model serves global and local views; convnets take any size anyway."""
+    kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path)
+    try:
+        return timm.create_model(name, img_size=img_size, dynamic_img_size=True, **kwargs)
+    except TypeError:  # not a ViT-like model: no img_size / dynamic_img_size arguments
+        return timm.create_model(name, **kwargs)
+
+
+def default_weight_decay(backbone: nn.Module) -> float:
+    """Seed README: 5e-2 for Vision Transformers, 5e-4 for ResNets (and other convnets)."""
+    return 5e-2 if hasattr(backbone, "patch_embed") else 5e-4
+
+
+class LeJEPA(nn.Module):
+    """Backbone + projector (+ probe on the detached embedding). One module so DDP syncs all gradients."""
+
+    def __init__(self, backbone, proj_hidden, proj_dim, num_classes=0):
+        super().__init__()
+        D = backbone.num_features
+        self.backbone = backbone
+        # BatchNorm keeps the start away from the all-zero point, where SIGReg's gradient vanishes
+        self.projector = MLP(D, [proj_hidden, proj_hidden, proj_dim], norm_layer=nn.BatchNorm1d)
+        self.probe = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, num_classes)) if num_classes else None
+
+    def forward(self, views: list, n_global: int):
+        """views: V tensors (N, 3, H, W), globals first -> emb (V, N, D), proj (V, N, P), logits (V, N, C)|None."""
+        N = views[0].shape[0]
+        groups = [views[:n_global], views[n_global:]]  # one backbone forward per resolution
+        emb = torch.cat([self.backbone(torch.cat(g)) for g in groups if g])  # (V * N, D)
+        proj = self.projector(emb).view(len(views), N, -1)  # (V, N, P)
+        logits = self.probe(emb.detach()).view(len(views), N, -1) if self.probe is not None else None
+        return emb.view(len(views), N, -1), proj, logits
+
+
+# -----------------------------------------------------------------------------
+# Loss (paper Sec. 6): invariance to the global views' mean + SIGReg on every view
+
+def lejepa_loss(proj: torch.Tensor, n_global: int, sigreg: nn.Module, lamb: float):
+    """proj: (V, N, P), globals first. Returns (loss, invariance, sigreg) as scalars.
+
+    invariance = mean over views v, images n and dims of (z_vn - c_n)^2, c_n = mean of the global views' z_n
+    (every view, globals included, is pulled to the centre); SIGReg is computed per view then averaged."""
+    centers = proj[:n_global].mean(0)  # (N, P)
+    invariance = (proj - centers).square().mean()
+    sig = sigreg(proj)  # fp32 inside; all-reduced over ranks inside, so every rank must call it
+    return (1 - lamb) * invariance + lamb * sig, invariance, sig
+
+
+# -----------------------------------------------------------------------------
+# Optimiser and schedule: AdamW, linear warm-up, cosine down to lr / final_lr_div
+
+def lr_at(step: int, total: int, warmup: int, lr: float, final_div: float = 1000.0) -> float:
+    """Learning rate of optimiser step `step` in [0, total): warm-up ends at lr, step total-1 is lr/final_div."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - 1 - warmup)  # 0 -> 1 over the remaining steps
+    final = lr / final_div
+    return final + (lr - final) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model: LeJEPA, weight_decay: float, probe_wd: float):
+    """No weight decay on biases and norm weights (1-D); the probe has its own lr and decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not name.startswith("probe."):
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay, name="net"),
+              dict(params=no_decay, weight_decay=0.0, name="net")]
+    if model.probe is not None:
+        groups.append(dict(params=list(model.probe.parameters()), weight_decay=probe_wd, name="probe"))
+    return groups
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint: a plain dict written atomically by rank 0; resume is the same code path
+
+def save_checkpoint(path: str, model: LeJEPA, optimizer, sigreg, step: int, cfg: Config):
+    ckpt = dict(backbone=model.backbone.state_dict(), projector=model.projector.state_dict(),
+                probe=model.probe.state_dict() if model.probe is not None else None,
+                optimizer=optimizer.state_dict(), sigreg=sigreg.state_dict(), step=step,
+                config=dataclasses.asdict(cfg))
+    tmp = path + ".tmp"  # same directory: os.replace is atomic, a crash never leaves half a file
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, model: LeJEPA, optimizer, sigreg) -> int:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file (holds the config dict)
+    model.backbone.load_state_dict(ckpt["backbone"])
+    model.projector.load_state_dict(ckpt["projector"])
+    if model.probe is not None and ckpt["probe"] is not None:
+        model.probe.load_state_dict(ckpt["probe"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    sigreg.load_state_dict(ckpt["sigreg"])  # slice counter: the next step draws the slices it would have
+    return ckpt["step"]
+
+
+def params_in_sync(model: nn.Module) -> bool:
+    """True when every rank holds bit-identical parameters: per-tensor sums and sums of squares, gathered."""
+    check = torch.stack([s for p in model.parameters() for s in (p.double().sum(), p.double().square().sum())])
+    if not dist.is_initialized():
+        return True
+    gathered = [torch.empty_like(check) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, check)
+    return all(torch.equal(gathered[0], g) for g in gathered)
+
+
+STOP = {"requested": False}  # set by SIGTERM (cluster preemption); the loop checkpoints and exits
+
+
+def _on_sigterm(signum, frame):
+    STOP["requested"] = True
+
+
+def _worker_ignores_sigterm(worker_id):
+    """DataLoader workers outlive a SIGTERM sent to the whole process group, so the last step completes."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def evaluate_probe(cfg, model, loader, device, autocast) -> float:
+    """Top-1 accuracy of the online probe on the validation split (all ranks' shares summed)."""
+    model.eval()
+    counts = torch.zeros(2, device=device)  # correct, total
+    with torch.no_grad(), autocast:
+        for x, y in loader:
+            x, y = normalize(x.to(device, non_blocking=True)), y.to(device)
+            counts += torch.stack([(model.probe(model.backbone(x)).argmax(-1) == y).sum(), torch.tensor(len(y), device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    model.train()
+    return (counts[0] / counts[1].clamp(min=1)).item()
+
+
+def main(cfg: Config):
+    ddp, rank, world, device = setup_distributed()
+    master = rank == 0
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    if cfg.batch_size % world:
+        sys.exit(f"error: --batch_size {cfg.batch_size} is not divisible by the world size {world}")
+    per_rank = cfg.batch_size // world
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    # data: rank 0 prepares the cache first, the others then read it (no concurrent writes)
+    if ddp and not master:
+        dist.barrier()
+    train_ds = load_split(cfg.dataset, cfg.train_split, cfg.dataset_config, cfg.streaming)
+    val_ds = load_split(cfg.dataset, cfg.val_split, cfg.dataset_config, cfg.streaming, missing_ok=True) if cfg.val_split else None
+    if ddp and master:
+        dist.barrier()
+    image_col, label_col = find_columns(train_ds, cfg.image_column, cfg.label_column)
+    num_classes = (cfg.num_classes or count_classes(train_ds, label_col, cfg.dataset)) if label_col else 0
+    if cfg.streaming:
+        train_ds = split_dataset_by_node(train_ds.shuffle(cfg.seed, buffer_size=cfg.shuffle_buffer), rank, world)
+        n_train = (train_ds.info.splits or {}).get(cfg.train_split)
+        n_train = n_train.num_examples if n_train else 0
+    else:
+        n_train = len(train_ds)
+    steps_per_epoch = cfg.steps_per_epoch or n_train // cfg.batch_size
+    if steps_per_epoch <= 0:
+        sys.exit(f"error: cannot derive steps per epoch ({n_train} images, batch {cfg.batch_size}); pass --steps_per_epoch")
+    total_steps, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    multicrop = MultiCrop(cfg.global_size, cfg.local_size, cfg.n_global, cfg.n_local, cfg.global_scale, cfg.local_scale)
+    views = ViewsDataset(train_ds, image_col, label_col, multicrop, cfg.seed) if not cfg.streaming else \
+        StreamViews(train_ds, image_col, label_col, lambda img: multicrop(img, torch.default_generator))
+    has_val = val_ds is not None and num_classes > 0 and label_col in (val_ds.features or {})
+
+    # model, loss, optimiser
+    backbone = build_backbone(cfg.model, cfg.global_size, cfg.drop_path)
+    model = LeJEPA(backbone, cfg.proj_hidden, cfg.proj_dim, num_classes).to(device)
+    sigreg = SIGReg(num_slices=cfg.num_slices, seed=cfg.seed).to(device)
+    weight_decay = cfg.weight_decay if cfg.weight_decay >= 0 else default_weight_decay(backbone)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay, cfg.probe_weight_decay), lr=cfg.lr,
+                                  betas=(0.9, 0.999), fused=device.type == "cuda")
+    base_lrs = [cfg.probe_lr if g["name"] == "probe" else cfg.lr for g in optimizer.param_groups]
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    start_step = load_checkpoint(ckpt_path, model, optimizer, sigreg) if os.path.exists(ckpt_path) else 0
+    if cfg.compile:
+        model.backbone.compile()  # in place: state_dict keys stay those of the plain timm model
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+
+    V = cfg.n_global + cfg.n_local
+    print0(f"torch {torch.__version__} | timm {timm.__version__} | datasets {datasets.__version__} | "
+           f"{world} process(es) on {device.type} | {'bf16' if use_bf16 else 'fp32'}")
+    print0("config: " + json.dumps(dataclasses.asdict(cfg)))
+    print0(f"derived: global batch {cfg.batch_size} ({per_rank}/rank) | views/step {V * cfg.batch_size} "
+           f"({cfg.n_global}x{cfg.global_size}px + {cfg.n_local}x{cfg.local_size}px per image) | "
+           f"steps/epoch {steps_per_epoch} | total steps {total_steps} | warm-up {warmup} | wd {weight_decay} | "
+           f"backbone {sum(p.numel() for p in backbone.parameters()) / 1e6:.1f}M params, D={backbone.num_features} | "
+           f"probe classes {num_classes} | val {'yes' if has_val else 'no'} | start step {start_step}")
+    if master:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
+
+    def log(record):
+        if master:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    val_loader = eval_loader(cfg, val_ds, image_col, label_col, rank, world, per_rank) if has_val else None
+    bar = tqdm(total=total_steps, initial=start_step, disable=not master, dynamic_ncols=True)
+    batches, t0, last_log = None, time.perf_counter(), start_step
+    for step in range(start_step, total_steps + 1):
+        last_step = step == total_steps
+        epoch, offset = divmod(step, steps_per_epoch)
+
+        # epoch end (and periodic) bookkeeping happens before the step it precedes: eval, checkpoint
+        if step > start_step and (offset == 0 or last_step):
+            acc = evaluate_probe(cfg, model, val_loader, device, autocast) if has_val else None
+            print0(f"epoch {epoch - 1 if offset == 0 else epoch} done | step {step} | probe top-1 {acc}")
+            log(dict(step=step, epoch=epoch - (offset == 0), probe_acc=acc))
+        if step > start_step and (offset == 0 or step % cfg.save_every == 0 or last_step) and master:
+            save_checkpoint(ckpt_path, model, optimizer, sigreg, step, cfg)
+        if last_step:
+            break
+
+        if batches is None or offset == 0:  # new epoch (or resume mid-epoch: skip what was done)
+            batches = train_batches(cfg, train_ds, views, epoch, offset if batches is None else 0,
+                                    rank, world, per_rank, steps_per_epoch)
+        xs, labels = next(batches)
+        xs = [normalize(x.to(device, non_blocking=True)) for x in xs]  # V x (N, 3, H, W) float
+        labels = labels.to(device, non_blocking=True)
+
+        for g, base in zip(optimizer.param_groups, base_lrs):
+            g["lr"] = lr_at(step, total_steps, warmup, base, cfg.final_lr_div)
+        with autocast:
+            emb, proj, logits = train_model(xs, cfg.n_global)  # (V, N, D), (V, N, P), (V, N, C)
+            loss, inv, sig = lejepa_loss(proj, cfg.n_global, sigreg, cfg.lamb)
+            # the probe learns from every view; its input is detached, so it never shapes the backbone
+            probe_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(V)) if logits is not None else 0.0
+        optimizer.zero_grad(set_to_none=True)
+        (loss + probe_loss).backward()
+
+        # guard, once per step (one host sync; small next to a ViT-L step): every rank must agree to stop
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(STOP["requested"]), device=device)])
+        if ddp:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, stop = flags.tolist()
+        if nonfinite:  # no optimiser step: the weights and the last checkpoint stay good
+            sys.exit(f"error: non-finite loss at step {step}: loss {loss.item()} invariance {inv.item()} "
+                     f"sigreg {sig.item()}; last good checkpoint: {ckpt_path}")
+        optimizer.step()
+        bar.update(1)
+
+        if (step + 1) % cfg.log_every == 0 or step == start_step:
+            elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
+            images_per_s, last_log = cfg.batch_size * (step + 1 - last_log) / elapsed, step + 1
+            record = dict(step=step + 1, epoch=epoch, loss=loss.item(), invariance=inv.item(), sigreg=sig.item(),
+                          probe_loss=float(probe_loss.detach()) if torch.is_tensor(probe_loss) else 0.0, lr=optimizer.param_groups[0]["lr"], images_per_s=images_per_s)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", inv=f"{record['invariance']:.4f}",
+                            sigreg=f"{record['sigreg']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.0f}")
+            log(record)
+        if stop or (cfg.stop_after and step + 1 == cfg.stop_after):
+            if master:
+                save_checkpoint(ckpt_path, model, optimizer, sigreg, step + 1, cfg)
+            print0(f"stopped after step {step + 1}{' (SIGTERM)' if stop else ''}; checkpoint {ckpt_path}; "
+                   f"resume with the same command and --out_dir {cfg.out_dir}")
+            break
+    bar.close()
+
+    # end: check that DDP kept the ranks identical, export the backbone alone for timm
+    in_sync = params_in_sync(model)
+    print0(f"parameters identical on all {world} ranks: {in_sync}")
+    log(dict(step=step if last_step else step + 1, params_in_sync=in_sync))
+    if not in_sync:
+        raise RuntimeError("ranks hold different parameters")
+    if last_step and master:
+        export = os.path.join(cfg.out_dir, "backbone.pth")
+        torch.save(model.backbone.state_dict(), export + ".tmp")
+        os.replace(export + ".tmp", export)
+        print0(f"backbone exported: timm.create_model({cfg.model!r}, num_classes=0, img_size={cfg.global_size}, "
+               f"dynamic_img_size=True, checkpoint_path={export!r})  (convnets: drop img_size/dynamic_img_size)")
+    if master:
+        metrics.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_config())

@@ -1,0 +1,218 @@
+"""CPU tests of minimal_vit_inet.py: pieces in-process, training end to end under torchrun (2 procs, gloo).
+
+The data is a small image folder written here (no network, nothing from ../shared)."""
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import minimal_vit_inet as mvi  # noqa: E402
+
+STEPS_PER_EPOCH, EPOCHS = 10, 2  # 160 train images / global batch 16
+TINY = ["--model", "vit_tiny_patch16_224", "--global_size", "32", "--local_size", "16", "--n_global", "2",
+        "--n_local", "2", "--proj_hidden", "64", "--proj_dim", "16", "--num_slices", "64", "--batch_size", "16",
+        "--warmup_epochs", "0.5", "--workers", "1", "--log_every", "1"]
+
+
+def write_image_folder(root: Path, per_class: int = 40, classes: int = 4):
+    """root/{train,validation}/class{c}/*.jpg: 48x40 noisy JPEGs whose colour depends on the class."""
+    rng = np.random.default_rng(0)
+    for split, n in [("train", per_class), ("validation", per_class // 4)]:
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.zeros((40, 48, 3))
+                base[..., c % 3] = 160 + 60 * (c // 3)
+                img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.jpg", quality=85)
+    return root
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(tmp):
+    e = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp / "hf_cache"), HF_HUB_OFFLINE="1",
+             HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
+    e.pop("RANK", None)
+    return e
+
+
+def torchrun(tmp, data, out, *extra, nproc=2, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", str(EPOCHS), "--out_dir", str(out),
+           *TINY, *extra]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+
+
+def losses(records):
+    return {r["step"]: r for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("imgs"))
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, data):
+    """One uninterrupted 2-process run of 20 steps: the reference the other tests compare with."""
+    tmp = tmp_path_factory.mktemp("full")
+    r = torchrun(tmp, data, tmp / "out")
+    return tmp / "out", r.stdout
+
+
+# ---------------------------------------------------------------- pieces, in-process
+
+def test_lr_schedule_warmup_then_cosine_to_lr_over_1000():
+    lr, total, warmup = 5e-4, 1000, 100
+    lrs = [mvi.lr_at(s, total, warmup, lr) for s in range(total)]
+    assert lrs[warmup - 1] == pytest.approx(lr)  # warm-up ends at the peak
+    assert all(a <= b for a, b in zip(lrs[:warmup], lrs[1:warmup]))  # linear increase
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # then decreasing
+    assert lrs[-1] == pytest.approx(lr / 1000, rel=1e-9)  # the last optimiser step really uses lr / 1000
+    assert mvi.lr_at(5, 6, 0, 1.0) == pytest.approx(1e-3, rel=1e-9)  # also without warm-up
+
+
+def test_bad_arguments_fail_fast_with_one_line():
+    for argv, word in [(["--batch_size", "0"], "batch_size"), (["--lamb", "1.5"], "lamb"),
+                       (["--model", "vit_no_such_model"], "unknown timm model")]:
+        with pytest.raises(SystemExit) as e:
+            mvi.parse_config(argv)
+        assert word in str(e.value) and "\n" not in str(e.value)
+    cfg = mvi.parse_config(["--global_scale", "0.4", "0.9", "--bf16", "false", "--lr", "1e-3"])
+    assert cfg.global_scale == (0.4, 0.9) and cfg.bf16 is False and cfg.lr == 1e-3
+
+
+def test_load_split_and_find_columns(tmp_path, data, monkeypatch):
+    import datasets
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    train = mvi.load_split(str(data), "train")  # imagefolder builder
+    assert len(train) == 160 and mvi.find_columns(train) == ("image", "label")
+    assert mvi.count_classes(train, "label") == 4
+    assert mvi.load_split(str(data), "no_such_split", missing_ok=True) is None
+    datasets.DatasetDict(train=train.select(range(8))).save_to_disk(str(tmp_path / "saved"))
+    saved = mvi.load_split(str(tmp_path / "saved"), "train")  # load_from_disk
+    assert len(saved) == 8 and mvi.find_columns(saved) == ("image", "label")
+    # no Image/ClassLabel features: common names (CIFAR-100 style, ImageNet-wds style), or flags
+    img = Image.new("RGB", (8, 8))
+    cifar = datasets.Dataset.from_dict({"img": [img], "fine_label": [3], "coarse_label": [1]})
+    wds = datasets.Dataset.from_dict({"__key__": ["a"], "jpg": [img], "cls": [7]})
+    assert mvi.find_columns(cifar)[1] == "fine_label" and mvi.find_columns(wds) == ("jpg", "cls")
+    assert mvi.find_columns(cifar, label_column="coarse_label") == ("img", "coarse_label")
+    assert mvi.count_classes(wds, "cls") == 8
+
+
+def test_multicrop_views_are_uint8_sized_and_reproducible():
+    mc = mvi.MultiCrop(global_size=32, local_size=16, n_global=2, n_local=3)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    views = mc(img, torch.Generator().manual_seed(1))
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    assert all(v.dtype == torch.uint8 for v in views)
+    again = mc(img, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(views, again))  # every draw comes from the generator
+    other = mc(img, torch.Generator().manual_seed(2))
+    assert not all(torch.equal(a, b) for a, b in zip(views, other))
+    x = mvi.normalize(torch.stack(views[:2]))
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 32, 32)
+
+
+# ---------------------------------------------------------------- end to end, torchrun --nproc_per_node=2
+
+def test_ddp_training_runs_loss_decreases_ranks_agree(full_run):
+    out, stdout = full_run
+    records = read_metrics(out)
+    steps = losses(records)
+    total = STEPS_PER_EPOCH * EPOCHS
+    assert sorted(steps) == list(range(1, total + 1))
+    loss = [steps[s]["loss"] for s in sorted(steps)]
+    assert all(math.isfinite(v) for v in loss)
+    assert np.mean(loss[-5:]) < np.mean(loss[:5]), loss  # decreasing (noisy per step: compare means)
+    for key in ("invariance", "sigreg", "lr", "images_per_s"):
+        assert all(math.isfinite(steps[s][key]) for s in steps)
+    assert steps[total]["lr"] == pytest.approx(5e-4 / 1000, rel=1e-9)  # last step at lr / 1000
+    assert [r["probe_acc"] for r in records if "probe_acc" in r] and all(
+        0 <= r["probe_acc"] <= 1 for r in records if "probe_acc" in r)  # evaluated each epoch
+    assert any(r.get("params_in_sync") is True for r in records)  # all-gathered parameter checksums
+    assert "parameters identical on all 2 ranks: True" in stdout
+    assert "global batch 16 (8/rank)" in stdout and f"total steps {total}" in stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == total and ckpt["sigreg"] and ckpt["optimizer"]["state"] and ckpt["config"]["lamb"] == 0.05
+    assert not list(out.glob("*.tmp"))  # atomic writes leave no temp file
+
+
+def test_resume_continues_exactly(tmp_path, data, full_run):
+    out_full, _ = full_run
+    out = tmp_path / "out"
+    r = torchrun(tmp_path, data, out, "--stop_after", "7")  # stop mid-epoch 0
+    assert "stopped after step 7" in r.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 7
+    r = torchrun(tmp_path, data, out)  # the same command again: resumes
+    assert "start step 7" in r.stdout
+    ref, resumed = losses(read_metrics(out_full)), losses(read_metrics(out))
+    assert sorted(resumed) == sorted(ref)
+    for s in ref:  # deterministic CPU run: the resumed losses equal the uninterrupted ones
+        assert resumed[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6, abs=1e-7), s
+        assert resumed[s]["sigreg"] == pytest.approx(ref[s]["sigreg"], rel=1e-6, abs=1e-7), s
+
+
+def test_exported_backbone_loads_in_timm_with_training_features(full_run):
+    import timm
+    out, _ = full_run
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, dynamic_img_size=True,
+                              checkpoint_path=str(out / "backbone.pth")).eval()
+    trained = mvi.build_backbone("vit_tiny_patch16_224", 32).eval()  # as built in training, final weights
+    trained.load_state_dict(torch.load(out / "ckpt.pt", weights_only=False)["backbone"])
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))
+        assert model(x[:, :, :16, :16]).shape == (3, 192)  # local-view size works too (dynamic_img_size)
+
+
+def test_sigterm_writes_checkpoint_and_exits(tmp_path, data):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "50", "--out_dir", str(out), *TINY]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None:  # wait until training is under way
+        if (out / "metrics.jsonl").exists() and len(losses(read_metrics(out))) >= 2:
+            break
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers, as a cluster scheduler would
+    stdout, _ = p.communicate(timeout=180)
+    assert "(SIGTERM)" in stdout, stdout[-3000:]
+    step = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    assert 2 <= step < 50 * STEPS_PER_EPOCH and f"stopped after step {step}" in stdout
+
+
+def test_streaming_single_process(tmp_path, data):
+    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--streaming", "true",
+           "--steps_per_epoch", "3", "--epochs", "1", "--out_dir", str(tmp_path / "out"), *TINY, "--workers", "0"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = read_metrics(tmp_path / "out")
+    assert sorted(losses(records)) == [1, 2, 3] and any("probe_acc" in r for r in records)
+    assert (tmp_path / "out" / "backbone.pth").exists()
