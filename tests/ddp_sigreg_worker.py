@@ -1,0 +1,34 @@
+"""Run by test_sigreg.py under torchrun: each rank scores half the batch through a DDP-wrapped layer."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import sigreg
+
+
+def make_problem():
+    """A layer and a batch of 2 views x 64 samples, identical in every process."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 5)
+    x = torch.randn(2, 64, 6) * torch.tensor([2.0, 1.0, 0.5, 1.0, 1.0, 3.0]) + 0.5
+    return model, x
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, x = make_problem()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    mine = x.chunk(world, dim=1)[rank]  # (V, N / world, D)
+    loss_fn = sigreg.SIGReg(num_slices=64, seed=5)
+    steps = []
+    for _ in range(2):
+        ddp.zero_grad()
+        loss = loss_fn(ddp(mine))
+        loss.backward()  # DDP averages the gradients over ranks
+        steps.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    slices = loss_fn.slices(5, torch.device("cpu"))
+    torch.save({"steps": steps, "slices": slices}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    dist.destroy_process_group()
