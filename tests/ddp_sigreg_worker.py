@@ -23,10 +23,11 @@ if __name__ == "__main__":
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     mine = x.chunk(world, dim=1)[rank]  # (V, N / world, D)
     loss_fn = sigreg.SIGReg(num_slices=64, seed=5)
+    compiled = torch.compile(loss_fn, backend="aot_eager")  # traced by dynamo: the all-reduce must survive it
     steps = []
-    for _ in range(2):
+    for fn in (loss_fn, loss_fn, compiled):
         ddp.zero_grad()
-        loss = loss_fn(ddp(mine))
+        loss = fn(ddp(mine))
         loss.backward()  # DDP averages the gradients over ranks
         steps.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     slices = loss_fn.slices(5, torch.device("cpu"))

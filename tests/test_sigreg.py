@@ -194,7 +194,7 @@ def test_bad_input_gets_a_clear_error(make, call, match):
 
 
 def test_ddp_two_ranks_equal_one_process(tmp_path):
-    """Two gloo ranks, half a batch each, against one process on the whole batch."""
+    """Two gloo ranks, half a batch each, against one process on the whole batch (eager and torch.compile)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            "--master_port=0", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
@@ -206,12 +206,13 @@ def test_ddp_two_ranks_equal_one_process(tmp_path):
     model, x = make_problem()
     loss_fn = sigreg.SIGReg(num_slices=64, seed=5)
     single = []
-    for _ in range(2):  # two calls: the slices must move on in step on every rank
+    for _ in range(3):  # three calls (the last compiled on the ranks): the slices move on in step everywhere
         model.zero_grad()
         loss = loss_fn(model(x))  # the whole batch: (V, 2N, D)
         loss.backward()
         single.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     for r, got in enumerate(ranks):
+        assert len(got["steps"]) == len(single)
         for (loss, grads), (loss_r, grads_r) in zip(single, got["steps"]):
             torch.testing.assert_close(loss_r, loss, rtol=1e-5, atol=0)
             for g, g_r in zip(grads, grads_r):
