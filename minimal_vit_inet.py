@@ -22,7 +22,9 @@ Commands (every Config field below is a flag: --field value):
     # resume: run the same command with the same --out_dir; it continues where it stopped
 ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms on the hub and `huggingface-cli login` first.
 """
+import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -57,6 +59,8 @@ class Config:
     # data
     dataset: str = "timm/imagenet-1k-wds"  # hub id, local image folder (imagefolder) or save_to_disk folder
     dataset_config: str = ""  # hub config name ("" = default)
+    dataset_revision: str = ""  # hub revision, e.g. refs/convert/parquet for script-only repos (frgfm/imagenette)
+    dataset_data_dir: str = ""  # hub sub-folder, e.g. 160px for frgfm/imagenette
     train_split: str = "train"
     val_split: str = "validation"  # labelled split for the online probe ("" or missing = no evaluation)
     image_column: str = ""  # "" = auto (Image feature, else image/img/jpg)
@@ -102,7 +106,6 @@ class Config:
 
 def parse_config(argv=None) -> Config:
     """argparse generated from the dataclass: --field value for every field; bools take true/false."""
-    import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         if f.type is bool or f.type == "bool":
@@ -153,7 +156,8 @@ def print0(*args, **kwargs):
 IMAGE_NAMES, LABEL_NAMES = ("image", "img", "jpg", "png"), ("label", "cls", "fine_label", "labels")
 
 
-def load_split(dataset: str, split: str, config: str = "", streaming: bool = False, missing_ok: bool = False):
+def load_split(dataset: str, split: str, config: str = "", streaming: bool = False, missing_ok: bool = False,
+               revision: str = "", data_dir: str = ""):
     """One split of a hub dataset, a local image folder (imagefolder builder) or a save_to_disk folder.
 
     With missing_ok, returns None when the split does not exist (e.g. no validation folder)."""
@@ -165,7 +169,8 @@ def load_split(dataset: str, split: str, config: str = "", streaming: bool = Fal
         elif os.path.isdir(dataset):
             ds = datasets.load_dataset("imagefolder", data_dir=dataset, split=split, streaming=streaming)
         else:
-            ds = datasets.load_dataset(dataset, config or None, split=split, streaming=streaming)
+            ds = datasets.load_dataset(dataset, config or None, split=split, streaming=streaming,
+                                       revision=revision or None, data_dir=data_dir or None)
     except (ValueError, KeyError):  # unknown split name
         if missing_ok:
             return None
@@ -284,8 +289,9 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x.float() / 255 - mean) / std
 
 
-def eval_transform(img: Image.Image, size: int) -> torch.Tensor:
-    """Resize the short side to size / 0.875, centre-crop size: the usual ImageNet evaluation view, uint8."""
+def eval_transform(img: Image.Image, generator=None, size: int = 224) -> torch.Tensor:
+    """Resize the short side to size / 0.875, centre-crop size: the usual ImageNet evaluation view, uint8.
+    (Same call signature as MultiCrop; the generator is unused: nothing is random.)"""
     img = TF.resize(img.convert("RGB"), int(size / 0.875), interpolation=TF.InterpolationMode.BICUBIC)
     return TF.pil_to_tensor(TF.center_crop(img, [size, size]))
 
@@ -320,7 +326,8 @@ class StreamViews(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         for row in self.ds:
-            yield self.transform(row[self.image_col]), (row[self.label_col] if self.label_col else -1)
+            views = self.transform(row[self.image_col], torch.default_generator)
+            yield views, (row[self.label_col] if self.label_col else -1)
 
 
 def train_batches(cfg, ds, views, epoch, skip, rank, world, per_rank, steps_per_epoch):
@@ -347,10 +354,9 @@ def train_batches(cfg, ds, views, epoch, skip, rank, world, per_rank, steps_per_
 
 def eval_loader(cfg, ds, image_col, label_col, rank, world, per_rank):
     """Validation batches (uint8 centre crops, labels); each rank gets a disjoint share, none repeated."""
-    def transform(img):
-        return eval_transform(img, cfg.global_size)
+    transform = functools.partial(eval_transform, size=cfg.global_size)
     if isinstance(ds, datasets.Dataset):
-        data = ViewsDataset(ds, image_col, label_col, lambda img, g: transform(img), cfg.seed)
+        data = ViewsDataset(ds, image_col, label_col, transform, cfg.seed)
         sampler = [(0, i) for i in range(rank, len(ds), world)]
         return DataLoader(data, per_rank, sampler=sampler, num_workers=cfg.workers, worker_init_fn=_worker_ignores_sigterm)
     ds = split_dataset_by_node(ds, rank, world)
@@ -372,7 +378,8 @@ def build_backbone(name: str, img_size: int = 224, drop_path: float = 0.0) -> nn
 
 
 def default_weight_decay(backbone: nn.Module) -> float:
-    """Seed README: 5e-2 for Vision Transformers, 5e-4 for ResNets (and other convnets)."""
+    """Seed README: 5e-2 for Vision Transformers, 5e-4 for ResNets. Models with a patch embedding (ViT, DeiT,
+    EVA, Swin) count as transformers; convnets (ConvNeXt included: the README does not say) get 5e-4."""
     return 5e-2 if hasattr(backbone, "patch_embed") else 5e-4
 
 
@@ -510,13 +517,11 @@ def main(cfg: Config):
     use_bf16 = cfg.bf16 and device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    # data: rank 0 prepares the cache first, the others then read it (no concurrent writes)
-    if ddp and not master:
-        dist.barrier()
-    train_ds = load_split(cfg.dataset, cfg.train_split, cfg.dataset_config, cfg.streaming)
-    val_ds = load_split(cfg.dataset, cfg.val_split, cfg.dataset_config, cfg.streaming, missing_ok=True) if cfg.val_split else None
-    if ddp and master:
-        dist.barrier()
+    # data: every rank loads; datasets' file locks let one process per node download and prepare the cache
+    # while the others wait (a barrier here would time out during a multi-hour ImageNet download)
+    hub = dict(config=cfg.dataset_config, streaming=cfg.streaming, revision=cfg.dataset_revision, data_dir=cfg.dataset_data_dir)
+    train_ds = load_split(cfg.dataset, cfg.train_split, **hub)
+    val_ds = load_split(cfg.dataset, cfg.val_split, missing_ok=True, **hub) if cfg.val_split else None
     image_col, label_col = find_columns(train_ds, cfg.image_column, cfg.label_column)
     num_classes = (cfg.num_classes or count_classes(train_ds, label_col, cfg.dataset)) if label_col else 0
     if cfg.streaming:
@@ -531,7 +536,7 @@ def main(cfg: Config):
     total_steps, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     multicrop = MultiCrop(cfg.global_size, cfg.local_size, cfg.n_global, cfg.n_local, cfg.global_scale, cfg.local_scale)
     views = ViewsDataset(train_ds, image_col, label_col, multicrop, cfg.seed) if not cfg.streaming else \
-        StreamViews(train_ds, image_col, label_col, lambda img: multicrop(img, torch.default_generator))
+        StreamViews(train_ds, image_col, label_col, multicrop)
     has_val = val_ds is not None and num_classes > 0 and label_col in (val_ds.features or {})
 
     # model, loss, optimiser
@@ -562,6 +567,7 @@ def main(cfg: Config):
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
+    # appended to: after a resume, steps between a killed run's last checkpoint and its death appear twice
     metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
 
     def log(record):
@@ -571,7 +577,7 @@ def main(cfg: Config):
 
     val_loader = eval_loader(cfg, val_ds, image_col, label_col, rank, world, per_rank) if has_val else None
     bar = tqdm(total=total_steps, initial=start_step, disable=not master, dynamic_ncols=True)
-    batches, t0, last_log = None, time.perf_counter(), start_step
+    batches, t0, last_log, saved_step = None, time.perf_counter(), start_step, start_step
     for step in range(start_step, total_steps + 1):
         last_step = step == total_steps
         epoch, offset = divmod(step, steps_per_epoch)
@@ -581,8 +587,10 @@ def main(cfg: Config):
             acc = evaluate_probe(cfg, model, val_loader, device, autocast) if has_val else None
             print0(f"epoch {epoch - 1 if offset == 0 else epoch} done | step {step} | probe top-1 {acc}")
             log(dict(step=step, epoch=epoch - (offset == 0), probe_acc=acc))
-        if step > start_step and (offset == 0 or step % cfg.save_every == 0 or last_step) and master:
-            save_checkpoint(ckpt_path, model, optimizer, sigreg, step, cfg)
+        if step > start_step and (offset == 0 or step % cfg.save_every == 0 or last_step):
+            if master:
+                save_checkpoint(ckpt_path, model, optimizer, sigreg, step, cfg)
+            saved_step = step
         if last_step:
             break
 
@@ -599,18 +607,20 @@ def main(cfg: Config):
             emb, proj, logits = train_model(xs, cfg.n_global)  # (V, N, D), (V, N, P), (V, N, C)
             loss, inv, sig = lejepa_loss(proj, cfg.n_global, sigreg, cfg.lamb)
             # the probe learns from every view; its input is detached, so it never shapes the backbone
-            probe_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(V)) if logits is not None else 0.0
+            probe_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(V)) if logits is not None \
+                else torch.zeros((), device=device)
         optimizer.zero_grad(set_to_none=True)
         (loss + probe_loss).backward()
 
         # guard, once per step (one host sync; small next to a ViT-L step): every rank must agree to stop
-        flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(STOP["requested"]), device=device)])
+        flags = torch.tensor([0.0, float(STOP["requested"])], device=device)  # (non-finite loss, SIGTERM)
+        flags[0] = (~torch.isfinite(loss.detach())).float()
         if ddp:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         nonfinite, stop = flags.tolist()
         if nonfinite:  # no optimiser step: the weights and the last checkpoint stay good
-            sys.exit(f"error: non-finite loss at step {step}: loss {loss.item()} invariance {inv.item()} "
-                     f"sigreg {sig.item()}; last good checkpoint: {ckpt_path}")
+            sys.exit(f"error: non-finite loss at step {step + 1}: loss {loss.item()} invariance {inv.item()} "
+                     f"sigreg {sig.item()}; stopped, the last good checkpoint is {ckpt_path} (step {saved_step})")
         optimizer.step()
         bar.update(1)
 
@@ -618,7 +628,7 @@ def main(cfg: Config):
             elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
             images_per_s, last_log = cfg.batch_size * (step + 1 - last_log) / elapsed, step + 1
             record = dict(step=step + 1, epoch=epoch, loss=loss.item(), invariance=inv.item(), sigreg=sig.item(),
-                          probe_loss=float(probe_loss.detach()) if torch.is_tensor(probe_loss) else 0.0, lr=optimizer.param_groups[0]["lr"], images_per_s=images_per_s)
+                          probe_loss=probe_loss.item(), lr=optimizer.param_groups[0]["lr"], images_per_s=images_per_s)
             bar.set_postfix(loss=f"{record['loss']:.4f}", inv=f"{record['invariance']:.4f}",
                             sigreg=f"{record['sigreg']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.0f}")
             log(record)

@@ -216,3 +216,15 @@ def test_streaming_single_process(tmp_path, data):
     records = read_metrics(tmp_path / "out")
     assert sorted(losses(records)) == [1, 2, 3] and any("probe_acc" in r for r in records)
     assert (tmp_path / "out" / "backbone.pth").exists()
+
+
+def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(tmp_path, data):
+    # lr 1e30: AdamW's first update makes the weights ~1e30, so the second step's loss overflows to nan
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "1",
+           "--out_dir", str(out), *TINY, "--workers", "0", "--warmup_epochs", "0", "--lr", "1e30", "--save_every", "1"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    assert "error: non-finite loss at step 2: loss nan" in r.stderr, r.stderr[-3000:]
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 1 and "(step 1)" in r.stderr
+    assert not list(out.glob("*.tmp")) and not (out / "backbone.pth").exists()

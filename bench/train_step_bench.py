@@ -1,0 +1,131 @@
+"""Cost of LeJEPA on top of the backbone: one full training step of minimal_vit_inet.py vs the backbone alone.
+
+Both sides run the same views (uint8 -> normalise on the device, one backbone forward per resolution),
+a backward pass and an AdamW step:
+  backbone : backbone forward + backward of a trivial loss + AdamW on the backbone
+  LeJEPA   : backbone + BatchNorm MLP projector + invariance + SIGReg (all slices) + online probe, AdamW on all
+overhead = LeJEPA / backbone - 1 (target <= 10% on CPU). Best of interleaved rounds, same process, same run.
+The parts of the overhead are timed alone too: projector + probe forward/backward, SIGReg forward/backward
+and the extra AdamW work (projector + probe parameters). With a tiny backbone the 2048-wide projector is
+comparable in size to the backbone (vit_tiny: 5.5M vs 4.9M parameters); with ViT-L (304M) it is not.
+
+    python bench/train_step_bench.py                       # vit_tiny at 224/96 px, 2 + 6 views, batch 8
+    python bench/train_step_bench.py --model vit_small_patch16_224 --batch 32 --iters 10
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import minimal_vit_inet as mvi  # noqa: E402
+from sigreg import SIGReg  # noqa: E402
+
+
+def timed(step, iters, warmup):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="vit_tiny_patch16_224")
+    p.add_argument("--batch", type=int, default=8, help="images per step (N)")
+    p.add_argument("--global_size", type=int, default=224)
+    p.add_argument("--local_size", type=int, default=96, help="96: divisible by the 16 px patch")
+    p.add_argument("--n_global", type=int, default=2)
+    p.add_argument("--n_local", type=int, default=6)
+    p.add_argument("--num_slices", type=int, default=1024)
+    p.add_argument("--proj_hidden", type=int, default=2048)
+    p.add_argument("--proj_dim", type=int, default=128)
+    p.add_argument("--num_classes", type=int, default=1000)
+    p.add_argument("--iters", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3, help="alternate backbone/LeJEPA timings this many times")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    N, V = args.batch, args.n_global + args.n_local
+    sizes = [args.global_size] * args.n_global + [args.local_size] * args.n_local
+    views = [torch.randint(0, 256, (N, 3, s, s), dtype=torch.uint8, device=device) for s in sizes]
+    labels = torch.randint(0, args.num_classes, (N,), device=device)
+
+    backbone = mvi.build_backbone(args.model, args.global_size)
+    model = mvi.LeJEPA(backbone, args.proj_hidden, args.proj_dim, args.num_classes).to(device)
+    sigreg = SIGReg(num_slices=args.num_slices).to(device)
+    opt_backbone = torch.optim.AdamW(model.backbone.parameters(), lr=1e-4)
+    opt_full = torch.optim.AdamW(mvi.param_groups(model, 5e-2, 1e-6), lr=1e-4)
+
+    def backbone_step():
+        xs = [mvi.normalize(x) for x in views]
+        with autocast:
+            groups = [xs[:args.n_global], xs[args.n_global:]]  # one forward per resolution, as in training
+            emb = torch.cat([model.backbone(torch.cat(g)) for g in groups if g])
+            loss = emb.float().square().mean()
+        opt_backbone.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_backbone.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def lejepa_step():
+        xs = [mvi.normalize(x) for x in views]
+        with autocast:
+            emb, proj, logits = model(xs, args.n_global)
+            loss, inv, sig = mvi.lejepa_loss(proj, args.n_global, sigreg, 0.05)
+            probe_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(V))
+        opt_full.zero_grad(set_to_none=True)
+        (loss + probe_loss).backward()
+        opt_full.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    base, full = [], []
+    for _ in range(args.rounds):  # interleaved, so drifts in machine load hit both sides
+        base.append(timed(backbone_step, args.iters, args.warmup))
+        full.append(timed(lejepa_step, args.iters, args.warmup))
+    b, f = min(base), min(full)
+
+    # the overhead's parts, alone
+    emb = torch.randn(V * N, backbone.num_features, device=device, requires_grad=True)
+    proj = torch.randn(V, N, args.proj_dim, device=device, requires_grad=True)
+
+    def heads():
+        with autocast:
+            (model.projector(emb).float().sum() + model.probe(emb).float().sum()).backward()
+
+    def sigreg_only():
+        with autocast:
+            sigreg(proj).backward()
+
+    head_params = [q for n, q in model.named_parameters() if not n.startswith("backbone.")]
+    for q in head_params:
+        q.grad = torch.zeros_like(q)
+    opt_heads = torch.optim.AdamW(head_params, lr=1e-4)
+    parts = {name: min(timed(fn, args.iters, args.warmup) for _ in range(args.rounds))
+             for name, fn in [("projector + probe fwd+bwd", heads), ("SIGReg fwd+bwd", sigreg_only),
+                              ("AdamW on projector + probe", opt_heads.step)]}
+    print(f"device {device.type} ({torch.get_num_threads()} threads) | torch {torch.__version__} | {args.model} | "
+          f"N={N} images, V={V} views ({args.n_global}x{args.global_size}px + {args.n_local}x{args.local_size}px), "
+          f"{args.num_slices} slices, projector {backbone.num_features}-{args.proj_hidden}-{args.proj_hidden}-{args.proj_dim}")
+    print(f"backbone fwd+bwd+AdamW : {b * 1e3:8.1f} ms/step")
+    print(f"full LeJEPA step       : {f * 1e3:8.1f} ms/step")
+    for name, seconds in parts.items():
+        print(f"  part: {name:28s} {seconds * 1e3:8.1f} ms  ({100 * seconds / b:.1f}% of the backbone step)")
+    print(f"ratio {f / b:.3f} -> LeJEPA overhead {100 * (f / b - 1):+.1f}% (target <= 10% on CPU)")
+    print(f"sum of the parts: {100 * sum(parts.values()) / b:+.1f}% (less sensitive to other load on the machine)")
+
+
+if __name__ == "__main__":
+    main()
