@@ -1,0 +1,436 @@
+"""Frozen-feature linear probe and k-NN of a LeJEPA backbone (or any timm model): ImageNet-1k top-1, and the
+seed README's transfer table (1-shot, 10-shot, all-data probes on 8 datasets, with their average) in one command.
+
+Protocol (seed README, "Linear Probe Evaluation"; the same for every model, so backbones can be compared):
+  - backbone frozen: eval mode, no gradients, bf16 autocast on GPU; images resized and centre-cropped at the
+    training resolution (minimal_vit_inet.eval_transform);
+  - features: the CLS token of the last two blocks, after the final norm, concatenated (DINO); ViTs without a
+    CLS token: the mean of the patch tokens; CNNs: the pooled feature;
+  - head: LayerNorm + Linear, AdamW with weight decay 1e-6, linear warm-up then cosine (as in pretraining);
+  - k-NN (DINO): cosine similarity to the training features, k = 20, votes weighted by exp(similarity / 0.07).
+Features are extracted once per (backbone, dataset, split) and cached in --out_dir/features; the head trains on
+the cache, so a second run with other head settings (--lr, --epochs, --shots, ...) does no extraction. Under
+torchrun every rank extracts its share of each split, rank 0 gathers them, trains the heads and reports.
+
+Commands (every Config field is a flag: --field value; list fields take several values):
+    # ImageNet-1k probe of a pretraining run: model and resolution come from its checkpoint
+    torchrun --nproc_per_node=8 linear_probe.py --checkpoint out/lejepa/ckpt.pt
+    # the transfer table: 1- and 10-shot (mean ± std over 3 draws) and all-data probes, 8 datasets + average
+    torchrun --nproc_per_node=8 linear_probe.py --checkpoint out/lejepa/ckpt.pt --dataset transfer --shots 1 10 all
+    # the exported backbone, or any other timm model on the same protocol (random init, or timm's weights)
+    python linear_probe.py --checkpoint out/lejepa/backbone.pth --model vit_large_patch14_224 --global_size 224
+    python linear_probe.py --model resnet50 --pretrained true --dataset cifar10 pets --shots 10 all
+    # a local image folder (root/train/<class>/*.jpg, root/test/...) or a save_to_disk folder; raw-pixel baseline
+    python linear_probe.py --checkpoint out/lejepa/ckpt.pt --dataset /data/cifar10-jpg --val_split test
+    python linear_probe.py --model pixels --global_size 32 --dataset /data/cifar10-jpg --val_split test
+Outputs in --out_dir: results.json (every number, every draw, timings) and table.md (the tables printed at the end).
+Measured: CIFAR-10 on a 2-core CPU, see bench/quality_cifar10.py. ImageNet and transfer-table times: not measured yet.
+ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms on the hub and `huggingface-cli login` first.
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import datasets
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import minimal_vit_inet as mvi  # data loading, backbone construction, eval transform, distributed setup
+from minimal_vit_inet import print0
+
+
+# -----------------------------------------------------------------------------
+# Config: every field is a command-line flag (--field value)
+
+@dataclass
+class Config:
+    # backbone
+    checkpoint: str = ""  # ckpt.pt of minimal_vit_inet.py (model and size read from it) or its backbone.pth (needs --model)
+    model: str = ""  # timm name ("" = the checkpoint's); "pixels" = the normalised image itself (a baseline)
+    pretrained: bool = False  # timm's own weights for --model, to compare another model on the same protocol
+    global_size: int = 0  # px, resize + centre crop; 0 = the checkpoint's training size, timm's for --pretrained, else 224
+    # data
+    dataset: tuple = ("timm/imagenet-1k-wds",)  # hub ids, image folders, save_to_disk folders or TRANSFER short names; "transfer" = all 8
+    dataset_config: str = ""  # hub config name ("" = default); not used for short names
+    train_split: str = "train"  # fits the head (short names use their own splits, see TRANSFER)
+    val_split: str = "validation"  # the split the accuracy is reported on (image folders often call it "test")
+    image_column: str = ""  # "" = auto (Image feature, else image/img/jpg)
+    label_column: str = ""  # "" = auto (ClassLabel feature, else label/cls/fine_label)
+    streaming: bool = False  # stream hub data instead of downloading it (extraction reads every image once anyway)
+    batch_size: int = 256  # images per extraction batch, per rank
+    workers: int = 8  # DataLoader workers per rank (JPEG decoding and resizing)
+    bf16: bool = True  # bf16 autocast for extraction on GPU; CPU runs fp32
+    # heads, trained on the cached features
+    shots: tuple = ("all",)  # training images per class: integers and/or "all"
+    draws: int = 3  # k-shot draws with seeds seed..seed+draws-1; tables report the mean ± std over them
+    epochs: int = 100  # passes over the training features
+    min_steps: int = 1000  # a few-shot training set is one batch: the head still takes this many steps
+    head_batch: int = 1024  # features per head step
+    lr: float = 1e-3  # AdamW peak learning rate of the head
+    weight_decay: float = 1e-6  # seed README: very small
+    warmup_frac: float = 0.1  # fraction of the head's steps spent warming up linearly
+    knn_k: int = 20  # DINO's k-NN: neighbours that vote; 0 = skip k-NN (reported as nan)
+    knn_temperature: float = 0.07  # vote weight exp(cosine / T)
+    seed: int = 0  # random-init weights, k-shot draws, head init and batch order
+    out_dir: str = "out/probe"  # features/ cache, results.json, table.md
+
+
+# short name: (hub id, train split, test split, label column, data_files). Hub ids, splits and columns from the
+# dataset cards (see shared ECOSYSTEM_NOTES). Where a validation split exists the head trains on train+validation.
+TRANSFER = {
+    "dtd": ("mcimpoi/dtd_split_1", "train+validation", "test", "label", None),  # split 1 of the official 10
+    "aircraft": ("Donghyun99/FGVC-Aircraft", "train+val", "test", "variation", None),  # "label" is the family (70)
+    # without data_files the builder prepares all 9 splits (7 corruptions, about 6 GB)
+    "cars": ("tanganke/stanford_cars", "train", "test", "label",
+             {"train": "data/train-*.parquet", "test": "data/test-*.parquet"}),
+    "cifar10": ("uoft-cs/cifar10", "train", "test", "label", None),
+    "cifar100": ("uoft-cs/cifar100", "train", "test", "fine_label", None),  # not the 20 coarse labels
+    "flowers102": ("dpdl-benchmark/oxford_flowers102", "train+validation", "test", "label", None),
+    "food101": ("ethz/food101", "train", "validation", "label", None),  # validation = the official test set
+    "pets": ("timm/oxford-iiit-pet", "train", "test", "label", None),  # train = the official trainval
+}
+
+
+def parse_config(argv=None) -> Config:
+    """argparse generated from the dataclass; tuple fields take one or more values; bools take true/false."""
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        if f.type is bool:
+            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+        elif f.type is tuple:
+            p.add_argument(f"--{f.name}", nargs="+", default=f.default)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
+    dataset_names(cfg.dataset)  # fail fast, before loading any model or data, with one clear line
+    shot_values(cfg.shots)
+    if cfg.model and cfg.model != "pixels" and not timm.is_model(cfg.model):
+        sys.exit(f"error: unknown timm model {cfg.model!r}; see timm.list_models('*vit*')")
+    if not (cfg.checkpoint or cfg.model):
+        sys.exit("error: pass --checkpoint (a minimal_vit_inet.py run) and/or --model (a timm name)")
+    return cfg
+
+
+def dataset_names(names) -> list:
+    """Expand "transfer" to the 8 short names; reject names that are neither short names, folders nor hub ids."""
+    out = []
+    for name in names:
+        if name == "transfer":
+            out += list(TRANSFER)
+        elif name in TRANSFER or os.path.isdir(name) or "/" in name:
+            out.append(name)
+        else:
+            sys.exit(f"error: unknown dataset {name!r}: not a short name ({', '.join(TRANSFER)}, transfer), "
+                     f"a local folder, or a hub id (owner/name)")
+    return out
+
+
+def shot_values(shots) -> list:
+    """["1", "10", "all"] -> [1, 10, "all"]."""
+    try:
+        values = [s if s == "all" else int(s) for s in shots]
+    except ValueError:
+        sys.exit(f"error: --shots takes positive integers and/or 'all', got {' '.join(shots)}")
+    if any(v != "all" and v <= 0 for v in values):
+        sys.exit(f"error: --shots must be positive, got {' '.join(shots)}")
+    return values
+
+
+# -----------------------------------------------------------------------------
+# Backbone: a minimal_vit_inet.py checkpoint, its exported backbone, or a timm model by name; frozen
+
+class Pixels(nn.Module):
+    """Baseline "backbone": the normalised image itself, flattened to 3 * size * size features."""
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def build_model(cfg: Config):
+    """-> (frozen model in eval mode, evaluation size, mean, std, identity string for the feature cache)."""
+    mean, std = mvi.IMAGENET_MEAN, mvi.IMAGENET_STD  # what minimal_vit_inet.normalize trains with
+    if cfg.checkpoint:
+        if not os.path.isfile(cfg.checkpoint):
+            sys.exit(f"error: checkpoint {cfg.checkpoint} not found")
+        obj = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)  # holds the run's config dict
+        run = isinstance(obj, dict) and "backbone" in obj and "config" in obj  # ckpt.pt, else backbone.pth
+        state = obj["backbone"] if run else obj
+        name = cfg.model or (obj["config"]["model"] if run else "")
+        if not name:
+            sys.exit(f"error: {cfg.checkpoint} is a bare state dict (backbone.pth): pass --model, the timm name it was trained with")
+        train_size = obj["config"]["global_size"] if run else (cfg.global_size or 224)
+        model = mvi.build_backbone(name, train_size)  # pos_embed sized as in training; other sizes via dynamic_img_size
+        own = model.state_dict()
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        reshaped = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+        if missing or unexpected or reshaped:
+            sys.exit(f"error: checkpoint {cfg.checkpoint} does not match model {name!r} at {train_size} px: "
+                     f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+                     f"{len(reshaped)} of another shape {reshaped[:3]}")
+        model.load_state_dict(state)
+        stat = os.stat(cfg.checkpoint)  # a new checkpoint at the same path must not reuse old features
+        ident, size = f"{os.path.abspath(cfg.checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}:{name}", cfg.global_size or train_size
+    elif cfg.model == "pixels":
+        model, ident, size = Pixels(), "pixels", cfg.global_size or 224
+    elif cfg.pretrained:  # timm's weights, evaluated at their resolution and normalisation unless told otherwise
+        model = timm.create_model(cfg.model, pretrained=True, num_classes=0)
+        mean, std = model.pretrained_cfg.get("mean", mean), model.pretrained_cfg.get("std", std)
+        ident, size = f"timm:{cfg.model}:pretrained", cfg.global_size or model.pretrained_cfg["input_size"][-1]
+    else:  # random init, seeded: as minimal_vit_inet.py builds it before training
+        torch.manual_seed(cfg.seed)
+        size = cfg.global_size or 224
+        model, ident = mvi.build_backbone(cfg.model, size), f"timm:{cfg.model}:random:{cfg.seed}:{size}"
+    return model.eval().requires_grad_(False), size, mean, std, ident
+
+
+def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x: (B, 3, H, W) normalised -> (B, F) features of the protocol."""
+    if getattr(model, "cls_token", None) is not None and hasattr(model, "forward_intermediates"):
+        # DINO: CLS of the last 2 blocks, each through the final norm (the last one is then model(x))
+        inter = model.forward_intermediates(x, indices=2, norm=True, return_prefix_tokens=True,
+                                            output_fmt="NLC", intermediates_only=True)  # 2 x ((B, L, D), (B, prefix, D))
+        return torch.cat([prefix[:, 0] for _, prefix in inter], dim=-1)  # (B, 2D)
+    return model(x)  # timm with num_classes=0: mean of patch tokens (ViT without CLS), pooled map (CNN)
+
+
+# -----------------------------------------------------------------------------
+# Data and feature cache: extract each split once (split over ranks), gather on rank 0, save; reuse after
+
+def load_labelled(cfg: Config, name: str, role: str):
+    """(dataset, image column, label column) of the "train" or "val" role of a short name, folder or hub id."""
+    if name in TRANSFER:
+        hub_id, train, test, label, files = TRANSFER[name]
+        ds = datasets.load_dataset(hub_id, data_files=files, split=train if role == "train" else test)
+        return (ds, *mvi.find_columns(ds, cfg.image_column, label))
+    split = cfg.train_split if role == "train" else cfg.val_split
+    ds = mvi.load_split(name, split, cfg.dataset_config, cfg.streaming, missing_ok=True)
+    if ds is None:
+        sys.exit(f"error: dataset {name} has no split {split!r}; pass --{role}_split")
+    image_col, label_col = mvi.find_columns(ds, cfg.image_column, cfg.label_column)
+    if label_col is None or label_col not in (ds.features or {}):
+        sys.exit(f"error: dataset {name} ({split}) has no label column among {list(ds.features or {})}; "
+                 f"a probe needs labels: pass --label_column")
+    return ds, image_col, label_col
+
+
+def gather_rows(t: torch.Tensor, rank: int, world: int, interleaved: bool):
+    """Rank 0 gets every rank's rows of t (N_r, ...); the others get None. interleaved: rank r held rows
+    r, r + world, ... of the split (map-style eval_loader), which are put back in dataset order."""
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)  # gather needs equal shapes
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, parts, dst=0)
+    if rank != 0:
+        return None
+    parts = [p[:s].cpu() for p, s in zip(parts, sizes)]
+    if not interleaved:
+        return torch.cat(parts)
+    out = torch.empty((sum(sizes), *t.shape[1:]), dtype=t.dtype)
+    for r, p in enumerate(parts):
+        out[r::world] = p
+    return out
+
+
+def features(cfg, model, mean, std, ident, name, role, device, rank, world):
+    """Cached (features (N, F), labels (N,)) of one split on rank 0, None on the others; extracts on a cache miss."""
+    split = role if name in TRANSFER else (cfg.train_split if role == "train" else cfg.val_split)
+    key = json.dumps([ident, os.path.abspath(name) if os.path.isdir(name) else name, cfg.dataset_config, split,
+                      cfg.image_column, cfg.label_column, cfg.global_size, mean, std])
+    tag = "".join(c if c.isalnum() else "_" for c in os.path.basename(name.rstrip("/")))  # a readable file name
+    path = os.path.join(cfg.out_dir, "features", f"{tag}-{role}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
+    exists = [os.path.exists(path)]
+    if world > 1:
+        dist.broadcast_object_list(exists, src=0)  # rank 0's file decides: every rank must take the same branch
+    if exists[0]:
+        if rank == 0:
+            cache = torch.load(path, weights_only=True)
+            print0(f"{name} {role}: {tuple(cache['features'].shape)} features from the cache {path}")
+            return cache["features"], cache["labels"]
+        return None
+
+    if world > 1 and rank != 0:
+        dist.barrier()  # rank 0 downloads and prepares the dataset cache first: no concurrent writes
+    ds, image_col, label_col = load_labelled(cfg, name, role)
+    if world > 1 and rank == 0:
+        dist.barrier()
+    loader = mvi.eval_loader(cfg, ds, image_col, label_col, rank, world, cfg.batch_size)  # this rank's share
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    feats, labels, t0 = [], [], time.perf_counter()
+    with torch.no_grad(), autocast:
+        for x, y in tqdm(loader, desc=f"{name} {role}", disable=rank != 0, dynamic_ncols=True):
+            x = (x.to(device, non_blocking=True).float() / 255 - m) / s  # uint8 (B, 3, H, W) -> normalised
+            feats.append(embed(model, x).float())
+            labels.append(y.to(device))
+    f = torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    if world > 1:  # map-style: rank r held rows r, r + world, ...; streamed shards have no order to restore
+        width = torch.tensor([f.shape[1]], device=device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)  # a rank with no rows still takes part in the gather
+        f = f if len(f) else torch.zeros(0, int(width), device=device)
+        f, y = (gather_rows(t, rank, world, isinstance(ds, datasets.Dataset)) for t in (f, y))
+    if rank != 0:
+        return None
+    f, y = f.cpu(), y.cpu().long()
+    # fp16 halves the cache (ImageNet, ViT-L: 1.28M x 2048 -> 5.2 GB); keep fp32 if a value would overflow
+    f = f.half() if f.abs().max() < 6e4 else f
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(dict(features=f, labels=y, key=key), path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: an interrupted run never leaves a half cache
+    print0(f"{name} {role}: extracted {tuple(f.shape)} features in {time.perf_counter() - t0:.0f} s -> {path}")
+    return f, y
+
+
+# -----------------------------------------------------------------------------
+# Evaluation on cached features: k-shot draws, LayerNorm + linear head, weighted k-NN (small pure functions)
+
+def sample_shots(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Indices of k training images per class (all of a class that has fewer), drawn with a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(labels), generator=g)  # one shuffle, then the first k of each class in it
+    picks = [perm[labels[perm] == c][:k] for c in labels.unique()]
+    return torch.cat(picks).sort().values
+
+
+def train_head(x, y, x_val, y_val, num_classes: int, cfg: Config, seed: int, device) -> float:
+    """Fit LayerNorm + Linear on x: (N, F), y: (N,); return top-1 accuracy (%) on (x_val, y_val)."""
+    torch.manual_seed(seed)  # head initialisation
+    g = torch.Generator().manual_seed(seed)  # batch order
+    x, y = x.to(device), y.to(device)
+    head = nn.Sequential(nn.LayerNorm(x.shape[1]), nn.Linear(x.shape[1], num_classes)).to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch = min(cfg.head_batch, len(x))
+    steps = max(cfg.epochs * (len(x) // batch), cfg.min_steps)
+    warmup = round(cfg.warmup_frac * steps)
+    perm, pos = torch.randperm(len(x), generator=g), 0
+    for step in range(steps):
+        if pos + batch > len(x):  # new epoch (the incomplete tail batch is dropped)
+            perm, pos = torch.randperm(len(x), generator=g), 0
+        i = perm[pos:pos + batch].to(device)
+        pos += batch
+        for group in opt.param_groups:
+            group["lr"] = mvi.lr_at(step, steps, warmup, cfg.lr)  # warm-up then cosine to lr / 1000
+        loss = F.cross_entropy(head(x[i].float()), y[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        correct = sum((head(xv.to(device).float()).argmax(1).cpu() == yv).sum().item()
+                      for xv, yv in zip(x_val.split(4096), y_val.split(4096)))
+    return 100.0 * correct / len(y_val)
+
+
+@torch.no_grad()
+def knn_accuracy(x, y, x_val, y_val, num_classes: int, k: int, temperature: float, device) -> float:
+    """DINO's weighted k-NN top-1 (%): cosine similarity to every training feature, the k nearest vote with
+    weight exp(similarity / T). x: (N, F), x_val: (M, F)."""
+    train = F.normalize(x.to(device).float(), dim=1)  # (N, F)
+    y = y.to(device)
+    k, correct = min(k, len(train)), 0
+    for q, t in zip(x_val.split(256), y_val.split(256)):
+        sim = F.normalize(q.to(device).float(), dim=1) @ train.T  # (B, N) cosine similarities
+        top, idx = sim.topk(k, dim=1)  # (B, k)
+        votes = torch.zeros(len(q), num_classes, device=device).scatter_add_(1, y[idx], (top / temperature).exp())
+        correct += (votes.argmax(1).cpu() == t).sum().item()
+    return 100.0 * correct / len(y_val)
+
+
+def evaluate(cfg, train, val, shots, device) -> dict:
+    """{shots: {linear, linear_std, knn, knn_std, draws: [...]}} for one dataset's cached features."""
+    (x, y), (x_val, y_val) = train, val
+    num_classes = int(max(y.max(), y_val.max())) + 1
+    out = {}
+    for k in shots:
+        draws = []
+        for d in range(1 if k == "all" else cfg.draws):
+            idx = sample_shots(y, k, cfg.seed + d) if k != "all" else None
+            xs, ys = (x, y) if idx is None else (x[idx], y[idx])
+            draws.append(dict(seed=cfg.seed + d, n_train=len(ys),
+                              linear=train_head(xs, ys, x_val, y_val, num_classes, cfg, cfg.seed + d, device),
+                              knn=knn_accuracy(xs, ys, x_val, y_val, num_classes, cfg.knn_k, cfg.knn_temperature, device)
+                              if cfg.knn_k else float("nan")))
+        summary = {m: torch.tensor([r[m] for r in draws], dtype=torch.float64) for m in ("linear", "knn")}
+        out[str(k)] = dict(linear=summary["linear"].mean().item(), knn=summary["knn"].mean().item(),
+                           linear_std=summary["linear"].std(unbiased=False).item(),  # spread over the draws
+                           knn_std=summary["knn"].std(unbiased=False).item(), draws=draws)
+    return out
+
+
+def format_table(results: dict, metric: str = "linear") -> str:
+    """Markdown in the seed README's layout: one row per shots setting, one column per dataset, then avg.
+    results: {dataset: {shots: {metric, metric_std, draws}}}; k-shot cells show mean ± std over draws."""
+    names = list(results)
+    shots = list(results[names[0]])
+    lines = ["| shots | " + " | ".join(os.path.basename(n.rstrip("/")) for n in names) + " | avg |",
+             "|---" * (len(names) + 2) + "|"]
+    for s in shots:
+        cells = [f"{results[n][s][metric]:.2f}" + (f" ± {results[n][s][metric + '_std']:.2f}"
+                                                   if len(results[n][s]["draws"]) > 1 else "") for n in names]
+        avg = sum(results[n][s][metric] for n in names) / len(names)
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {avg:.2f} |")
+    return "\n".join(lines)
+
+
+
+# -----------------------------------------------------------------------------
+# Main: backbone, then per dataset: cached features (train, val) -> heads and k-NN -> tables and JSON
+
+def main(cfg: Config):
+    ddp, rank, world, device = mvi.setup_distributed()
+    names, shots = dataset_names(cfg.dataset), shot_values(cfg.shots)
+    model, size, mean, std, ident = build_model(cfg)
+    cfg = dataclasses.replace(cfg, global_size=size)  # resolved: eval_loader reads cfg.global_size
+    model.to(device)
+    print0(f"torch {torch.__version__} | timm {timm.__version__} | datasets {datasets.__version__} | "
+           f"{world} process(es) on {device.type} | extraction {'bf16' if cfg.bf16 and device.type == 'cuda' else 'fp32'}")
+    print0("config: " + json.dumps(dataclasses.asdict(cfg)))
+    print0(f"derived: backbone {ident} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | "
+           f"{size} px | datasets {names} | shots {shots} ({cfg.draws} draws for k-shot)")
+
+    results, timings = {}, {}
+    for name in names:
+        t0 = time.perf_counter()
+        train = features(cfg, model, mean, std, ident, name, "train", device, rank, world)
+        val = features(cfg, model, mean, std, ident, name, "val", device, rank, world)
+        t1 = time.perf_counter()
+        if rank == 0:  # the heads are small: one process trains them on the gathered features
+            results[name] = evaluate(cfg, train, val, shots, device)
+            timings[name] = dict(features_s=round(t1 - t0, 1), heads_s=round(time.perf_counter() - t1, 1))
+            for s, r in results[name].items():
+                print0(f"{name} | {s} shot(s) | linear {r['linear']:.2f} ± {r['linear_std']:.2f} | "
+                       f"k-NN {r['knn']:.2f} ± {r['knn_std']:.2f} | train {r['draws'][0]['n_train']} val {len(val[1])} | "
+                       f"features {timings[name]['features_s']} s, heads {timings[name]['heads_s']} s")
+
+    if rank == 0:
+        tables = {m: format_table(results, m) for m in ("linear", "knn")}
+        text = f"Linear probe top-1 (%), {ident}\n\n{tables['linear']}\n\nk-NN top-1 (%, k={cfg.knn_k}, T={cfg.knn_temperature})\n\n{tables['knn']}\n"
+        print0("\n" + text)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "table.md"), "w") as f:
+            f.write(text)
+        with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+            json.dump(dict(config=dataclasses.asdict(cfg), backbone=ident, feature_dim=int(train[0].shape[1]),
+                           results=results, timings=timings, tables=tables), f, indent=1)
+        print0(f"wrote {os.path.join(cfg.out_dir, 'results.json')} and table.md")
+    if ddp:
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_config())

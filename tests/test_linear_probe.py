@@ -1,0 +1,183 @@
+"""CPU tests of linear_probe.py on data written here (no network, nothing from ../shared).
+
+The data is test_pretrain's image folder: 4 classes told apart by colour, 40 train / 10 validation per class."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import linear_probe as lp  # noqa: E402
+import minimal_vit_inet as mvi  # noqa: E402
+from test_pretrain import TINY, env, free_port, write_image_folder  # noqa: E402
+
+FAST = ["--epochs", "20", "--min_steps", "100", "--workers", "0", "--batch_size", "64"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The heads here are tiny: one thread is faster, and on a busy CI machine far faster than contended threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("imgs"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data):
+    """A tiny single-process pretraining run (10 steps): ckpt.pt and backbone.pth to probe."""
+    tmp = tmp_path_factory.mktemp("pretrain")
+    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "1",
+           "--out_dir", str(tmp / "out"), *TINY, "--workers", "0", "--val_split", ""]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return tmp / "out"
+
+
+def probe(*argv):
+    return lp.main(lp.parse_config([str(a) for a in argv]))
+
+
+def cached(out_dir, role):
+    (path,) = (Path(out_dir) / "features").glob(f"*-{role}-*.pt")
+    return torch.load(path, weights_only=True), path
+
+
+# ---------------------------------------------------------------- evaluation pieces
+
+def test_sample_shots_exactly_k_per_class_and_reproducible():
+    labels = torch.arange(5).repeat_interleave(torch.tensor([30, 30, 30, 30, 3]))  # class 4 has only 3 images
+    for k in (1, 10):
+        idx = lp.sample_shots(labels, k, seed=0)
+        counts = torch.bincount(labels[idx], minlength=5).tolist()
+        assert counts == [k] * 4 + [min(k, 3)]
+        assert len(set(idx.tolist())) == len(idx)  # no image twice
+        assert torch.equal(idx, lp.sample_shots(labels, k, seed=0))  # same seed, same draw
+    assert not torch.equal(lp.sample_shots(labels, 10, 0), lp.sample_shots(labels, 10, 1))  # draws differ
+
+
+def test_table_rows_columns_and_average():
+    def entry(acc, n_draws):
+        return dict(linear=acc, linear_std=1.0, knn=acc / 2, knn_std=0.5, draws=[{}] * n_draws)
+    results = {"dtd": {"1": entry(30.0, 3), "10": entry(60.0, 3), "all": entry(80.0, 1)},
+               "cifar10": {"1": entry(50.0, 3), "10": entry(85.0, 3), "all": entry(96.0, 1)}}
+    lines = lp.format_table(results).splitlines()
+    assert lines[0] == "| shots | dtd | cifar10 | avg |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| 1", "| 10", "| all"]
+    assert lines[2] == "| 1 | 30.00 ± 1.00 | 50.00 ± 1.00 | 40.00 |"  # k-shot cells: mean ± spread over draws
+    assert lines[4] == "| all | 80.00 | 96.00 | 88.00 |"
+    assert lp.format_table(results, "knn").splitlines()[3] == "| 10 | 30.00 ± 0.50 | 42.50 ± 0.50 | 36.25 |"
+
+
+def test_linear_head_and_knn_on_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 32, generator=g) * 3
+    y, y_val = torch.arange(5).repeat(40), torch.arange(5).repeat(20)
+    x, x_val = centres[y] + torch.randn(200, 32, generator=g), centres[y_val] + torch.randn(100, 32, generator=g)
+    cfg = lp.Config(min_steps=200)
+    assert lp.train_head(x, y, x_val, y_val, 5, cfg, 0, torch.device("cpu")) >= 95
+    assert lp.knn_accuracy(x, y, x_val, y_val, 5, 20, 0.07, torch.device("cpu")) >= 95
+
+
+# ---------------------------------------------------------------- whole runs on an image folder
+
+def test_colour_task_reaches_90_and_features_are_cached_once(tmp_path, data, monkeypatch, capsys):
+    out = tmp_path / "probe"
+    common = ["--dataset", data, "--out_dir", out, "--global_size", 16, *FAST]
+    results = probe("--model", "pixels", "--shots", "5", "all", *common)
+    r = results[str(data)]
+    assert r["all"]["linear"] >= 90 and r["all"]["knn"] >= 90, r  # class = colour: separable from pixels
+    assert [d["n_train"] for d in r["5"]["draws"]] == [20, 20, 20]  # 5 per class x 4 classes, 3 draws
+    train, train_path = cached(out, "train")
+    val, _ = cached(out, "val")
+    assert train["features"].shape == (160, 3 * 16 * 16) and train["labels"].shape == (160,)
+    assert val["features"].shape == (40, 768) and sorted(set(val["labels"].tolist())) == [0, 1, 2, 3]
+    assert "extracted" in capsys.readouterr().out
+    report = json.loads((out / "results.json").read_text())
+    assert report["results"][str(data)]["all"]["linear"] == r["all"]["linear"]
+    assert "| shots | " in (out / "table.md").read_text()
+
+    # a second run with other head settings reads the cache: no loader is even built
+    mtime = train_path.stat().st_mtime_ns
+    monkeypatch.setattr(mvi, "eval_loader", lambda *a, **k: pytest.fail("features extracted a second time"))
+    again = probe("--model", "pixels", "--shots", "all", "--lr", "3e-3", *common)
+    assert "from the cache" in capsys.readouterr().out and train_path.stat().st_mtime_ns == mtime
+    assert again[str(data)]["all"]["linear"] >= 90
+
+
+def test_random_init_timm_vit_last_two_cls_tokens(tmp_path, data):
+    results = probe("--model", "vit_tiny_patch16_224", "--global_size", 32, "--dataset", data,
+                    "--out_dir", tmp_path, "--shots", "all", *FAST)
+    assert math.isfinite(results[str(data)]["all"]["linear"]) and math.isfinite(results[str(data)]["all"]["knn"])
+    train, _ = cached(tmp_path, "train")
+    assert train["features"].shape == (160, 2 * 192)  # CLS of the last 2 blocks, concatenated
+
+
+def test_probe_pretraining_checkpoint_and_exported_backbone(tmp_path, data, run):
+    r = probe("--checkpoint", run / "ckpt.pt", "--dataset", data, "--out_dir", tmp_path / "a", "--shots", "2", "all",
+              "--draws", "2", *FAST)[str(data)]
+    assert all(math.isfinite(r[s][m]) for s in ("2", "all") for m in ("linear", "knn", "linear_std"))
+    feats, _ = cached(tmp_path / "a", "train")
+    assert feats["features"].shape == (160, 384)  # vit_tiny at the run's 32 px, read from the checkpoint
+    r2 = probe("--checkpoint", run / "backbone.pth", "--model", "vit_tiny_patch16_224", "--global_size", 32,
+               "--dataset", data, "--out_dir", tmp_path / "b", "--shots", "all", *FAST)[str(data)]
+    assert torch.allclose(cached(tmp_path / "b", "train")[0]["features"].float(), feats["features"].float())
+    assert r2["all"]["linear"] == r["all"]["linear"]  # same weights, same features, same head
+
+
+def test_torchrun_splits_extraction_and_gathers_in_order(tmp_path, data):
+    common = ["--model", "vit_tiny_patch16_224", "--global_size", "32", "--dataset", str(data), "--shots", "all", *FAST]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(ROOT / "linear_probe.py"), "--out_dir", str(tmp_path / "ddp"), *common]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    probe("--out_dir", tmp_path / "single", *common)
+    for role in ("train", "val"):
+        ddp, single = cached(tmp_path / "ddp", role)[0], cached(tmp_path / "single", role)[0]
+        assert torch.equal(ddp["labels"], single["labels"])  # rank shares put back in dataset order
+        assert torch.allclose(ddp["features"].float(), single["features"].float(), atol=1e-2)
+
+
+# ---------------------------------------------------------------- bad input: one clear line
+
+def test_checkpoint_that_does_not_match_the_model(tmp_path, data, run):
+    for argv in (["--checkpoint", run / "ckpt.pt", "--model", "vit_small_patch16_224"],
+                 ["--checkpoint", run / "backbone.pth", "--model", "resnet18"]):
+        with pytest.raises(SystemExit) as e:
+            probe(*argv, "--dataset", data, "--out_dir", tmp_path, *FAST)
+        assert "does not match model" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        probe("--checkpoint", run / "backbone.pth", "--dataset", data, "--out_dir", tmp_path)
+    assert "pass --model" in str(e.value)
+
+
+def test_dataset_without_labels(tmp_path, data):
+    train = mvi.load_split(str(data), "train").remove_columns("label").select(range(8))
+    datasets.DatasetDict(train=train, validation=train).save_to_disk(str(tmp_path / "unlabelled"))
+    with pytest.raises(SystemExit) as e:
+        probe("--model", "pixels", "--global_size", 16, "--dataset", tmp_path / "unlabelled", "--out_dir", tmp_path, *FAST)
+    assert "no label column" in str(e.value)
+
+
+def test_unknown_short_name_and_bad_shots():
+    with pytest.raises(SystemExit) as e:
+        lp.parse_config(["--model", "pixels", "--dataset", "cifar11"])
+    assert "unknown dataset 'cifar11'" in str(e.value) and "cifar10" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        lp.parse_config(["--model", "pixels", "--shots", "ten"])
+    assert "--shots" in str(e.value)
+    cfg = lp.parse_config(["--model", "pixels", "--dataset", "transfer", "--shots", "1", "10", "all"])
+    assert lp.dataset_names(cfg.dataset) == list(lp.TRANSFER) and lp.shot_values(cfg.shots) == [1, 10, "all"]
