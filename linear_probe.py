@@ -60,7 +60,9 @@ class Config:
     global_size: int = 0  # px, resize + centre crop; 0 = the checkpoint's training size, timm's for --pretrained, else 224
     # data
     dataset: tuple = ("timm/imagenet-1k-wds",)  # hub ids, image folders, save_to_disk folders or TRANSFER short names; "transfer" = all 8
-    dataset_config: str = ""  # hub config name ("" = default); not used for short names
+    dataset_config: str = ""  # hub config name ("" = default); this and the next two are not used for short names
+    dataset_revision: str = ""  # hub revision, e.g. refs/convert/parquet for script-only repos (frgfm/imagenette)
+    dataset_data_dir: str = ""  # hub sub-folder, e.g. 160px for frgfm/imagenette
     train_split: str = "train"  # fits the head (short names use their own splits, see TRANSFER)
     val_split: str = "validation"  # the split the accuracy is reported on (image folders often call it "test")
     image_column: str = ""  # "" = auto (Image feature, else image/img/jpg)
@@ -213,7 +215,8 @@ def load_labelled(cfg: Config, name: str, role: str):
         ds = datasets.load_dataset(hub_id, data_files=files, split=train if role == "train" else test)
         return (ds, *mvi.find_columns(ds, cfg.image_column, label))
     split = cfg.train_split if role == "train" else cfg.val_split
-    ds = mvi.load_split(name, split, cfg.dataset_config, cfg.streaming, missing_ok=True)
+    ds = mvi.load_split(name, split, cfg.dataset_config, cfg.streaming, missing_ok=True,
+                        revision=cfg.dataset_revision, data_dir=cfg.dataset_data_dir)
     if ds is None:
         sys.exit(f"error: dataset {name} has no split {split!r}; pass --{role}_split")
     image_col, label_col = mvi.find_columns(ds, cfg.image_column, cfg.label_column)
@@ -248,7 +251,8 @@ def gather_rows(t: torch.Tensor, rank: int, world: int, interleaved: bool):
 def features(cfg, model, mean, std, ident, name, role, device, rank, world):
     """Cached (features (N, F), labels (N,)) of one split on rank 0, None on the others; extracts on a cache miss."""
     split = role if name in TRANSFER else (cfg.train_split if role == "train" else cfg.val_split)
-    key = json.dumps([ident, os.path.abspath(name) if os.path.isdir(name) else name, cfg.dataset_config, split,
+    key = json.dumps([ident, os.path.abspath(name) if os.path.isdir(name) else name, cfg.dataset_config,
+                      cfg.dataset_revision, cfg.dataset_data_dir, split,
                       cfg.image_column, cfg.label_column, cfg.global_size, mean, std])
     tag = "".join(c if c.isalnum() else "_" for c in os.path.basename(name.rstrip("/")))  # a readable file name
     path = os.path.join(cfg.out_dir, "features", f"{tag}-{role}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
