@@ -84,7 +84,7 @@ class Config:
     proj_dim: int = 128  # projector output = the space where invariance and SIGReg are measured
     compile: bool = False  # torch.compile the backbone
     # loss
-    lamb: float = 0.05  # lambda: weight of SIGReg in (1 - lambda) * invariance + lambda * SIGReg (paper Sec. 6)
+    lamb: float = 0.05  # lambda: weight of SIGReg in (1 - lambda) * invariance + lambda * SIGReg
     num_slices: int = 1024  # SIGReg random directions per step (paper: 1024)
     # optimisation (seed README: AdamW, lr 5e-4, wd 5e-2 ViT / 5e-4 ResNet, warm-up + cosine to lr/1000)
     epochs: int = 100
@@ -148,6 +148,18 @@ def setup_distributed():
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+STOP = {"requested": False}  # set by SIGTERM (cluster preemption); the loop checkpoints and exits
+
+
+def _on_sigterm(signum, frame):
+    STOP["requested"] = True
+
+
+def _worker_ignores_sigterm(worker_id):
+    """DataLoader workers outlive a SIGTERM sent to the whole process group, so the last step completes."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # -----------------------------------------------------------------------------
@@ -343,13 +355,16 @@ def train_batches(cfg, ds, views, epoch, skip, rank, world, per_rank, steps_per_
     ds.set_epoch(epoch)  # streaming: reshuffles shards and buffer, same seed on all ranks
     done = 0
     while True:  # a rank whose shards run dry restarts them: every rank must do the same number of steps
-        for b, batch in enumerate(DataLoader(views, per_rank, num_workers=cfg.workers, drop_last=True,
-                                                worker_init_fn=_worker_ignores_sigterm)):
+        before = done
+        for batch in DataLoader(views, per_rank, num_workers=cfg.workers, drop_last=True,
+                                worker_init_fn=_worker_ignores_sigterm):
             if done >= skip:  # skipped batches are decoded (streams cannot seek)
                 yield batch
             done += 1
             if done == steps_per_epoch:
                 return
+        if done == before:
+            raise RuntimeError(f"rank {rank}: the stream gave no full batch of {per_rank} images")
 
 
 def eval_loader(cfg, ds, image_col, label_col, rank, world, per_rank):
@@ -405,7 +420,7 @@ class LeJEPA(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Loss (paper Sec. 6): invariance to the global views' mean + SIGReg on every view
+# Loss: invariance to the global views' mean + SIGReg on every view
 
 def lejepa_loss(proj: torch.Tensor, n_global: int, sigreg: nn.Module, lamb: float):
     """proj: (V, N, P), globals first. Returns (loss, invariance, sigreg) as scalars.
@@ -475,18 +490,6 @@ def params_in_sync(model: nn.Module) -> bool:
     gathered = [torch.empty_like(check) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, check)
     return all(torch.equal(gathered[0], g) for g in gathered)
-
-
-STOP = {"requested": False}  # set by SIGTERM (cluster preemption); the loop checkpoints and exits
-
-
-def _on_sigterm(signum, frame):
-    STOP["requested"] = True
-
-
-def _worker_ignores_sigterm(worker_id):
-    """DataLoader workers outlive a SIGTERM sent to the whole process group, so the last step completes."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # -----------------------------------------------------------------------------
