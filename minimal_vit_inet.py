@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import json
 import math
+import multiprocessing as mp
 import os
 import signal
 import sys
@@ -313,20 +314,40 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
+# what PIL raises for truncated, corrupt or unsupported files (DecompressionBombError: absurdly large images)
+BAD_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def skip_bad_image(counter, index, err):
+    """Count (in a counter shared by all DataLoader workers) and report an image that cannot be used."""
+    with counter.get_lock():
+        counter.value += 1
+    print(f"warning: skipped unreadable image #{index}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+
+
 class ViewsDataset(torch.utils.data.Dataset):
-    """Map-style: item (epoch, index) -> (views, label). The sampler passes the epoch with the index."""
+    """Map-style: item (epoch, index) -> (views, label). The sampler passes the epoch with the index.
+    A file that cannot be decoded is replaced by the next readable one (so batches stay full and every rank
+    does the same steps) and counted in `skipped`: web-scraped sets hold broken files, a run must not die."""
 
     def __init__(self, ds, image_col, label_col, multicrop, seed):
         self.ds, self.image_col, self.label_col, self.mc, self.seed = ds, image_col, label_col, multicrop, seed
+        self.skipped = mp.Value("i", 0)  # shared with the DataLoader's worker processes
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, key):
         epoch, i = key
-        row = self.ds[i]  # decodes the image (PIL) here, in a worker
-        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i))
-        return self.mc(row[self.image_col], g), (row[self.label_col] if self.label_col else -1)
+        for j in range(i, i + 100):
+            j %= len(self.ds)
+            try:
+                row = self.ds[j]  # decodes the image (PIL) here, in a worker
+                g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, j))
+                return self.mc(row[self.image_col], g), (row[self.label_col] if self.label_col else -1)
+            except BAD_IMAGE as err:
+                skip_bad_image(self.skipped, j, err)
+        raise RuntimeError(f"100 unreadable images in a row from #{i}: is --image_column {self.image_col!r} right?")
 
 
 class StreamViews(torch.utils.data.IterableDataset):
@@ -335,10 +356,17 @@ class StreamViews(torch.utils.data.IterableDataset):
 
     def __init__(self, ds, image_col, label_col, transform):
         self.ds, self.image_col, self.label_col, self.transform = ds, image_col, label_col, transform
+        self.skipped = mp.Value("i", 0)  # unreadable images, shared with the DataLoader's worker processes
 
     def __iter__(self):
-        for row in self.ds:
-            views = self.transform(row[self.image_col], torch.default_generator)
+        for n, row in enumerate(self.ds.decode(False)):  # decode here, to catch broken files
+            try:
+                image = datasets.Image().decode_example(row[self.image_col]) \
+                    if isinstance(row[self.image_col], dict) else row[self.image_col]
+                views = self.transform(image, torch.default_generator)
+            except BAD_IMAGE as err:
+                skip_bad_image(self.skipped, n, err)
+                continue
             yield views, (row[self.label_col] if self.label_col else -1)
 
 
@@ -471,6 +499,23 @@ def save_checkpoint(path: str, model: LeJEPA, optimizer, sigreg, step: int, cfg:
     os.replace(tmp, path)
 
 
+# settings a resumed run may change; any other difference means out_dir holds another run's checkpoint
+RESUMABLE = {"workers", "log_every", "save_every", "stop_after", "compile", "out_dir"}
+
+
+def check_same_run(path: str, cfg: Config):
+    """Exit with one line, touching nothing, if the checkpoint at `path` was written by a different run."""
+    try:
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["config"]  # mmap: no full read
+    except Exception as err:
+        sys.exit(f"error: cannot read {path} ({type(err).__name__}: {err}); move it away to start afresh")
+    diff = [f"--{k} {saved.get(k)!r} there, {v!r} here" for k, v in dataclasses.asdict(cfg).items()
+            if k not in RESUMABLE and saved.get(k) != v]
+    if diff:
+        sys.exit(f"error: {path} belongs to another run ({'; '.join(diff)}); use another --out_dir, "
+                 f"or the same settings to resume it")
+
+
 def load_checkpoint(path: str, model: LeJEPA, optimizer, sigreg) -> int:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file (holds the config dict)
     model.backbone.load_state_dict(ckpt["backbone"])
@@ -517,6 +562,9 @@ def main(cfg: Config):
         sys.exit(f"error: --batch_size {cfg.batch_size} is not divisible by the world size {world}")
     per_rank = cfg.batch_size // world
     signal.signal(signal.SIGTERM, _on_sigterm)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if os.path.exists(ckpt_path):
+        check_same_run(ckpt_path, cfg)  # before any heavy work: never resume (or overwrite) another run
     use_bf16 = cfg.bf16 and device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
@@ -525,7 +573,10 @@ def main(cfg: Config):
     hub = dict(config=cfg.dataset_config, streaming=cfg.streaming, revision=cfg.dataset_revision, data_dir=cfg.dataset_data_dir)
     train_ds = load_split(cfg.dataset, cfg.train_split, **hub)
     val_ds = load_split(cfg.dataset, cfg.val_split, missing_ok=True, **hub) if cfg.val_split else None
-    image_col, label_col = find_columns(train_ds, cfg.image_column, cfg.label_column)
+    try:
+        image_col, label_col = find_columns(train_ds, cfg.image_column, cfg.label_column)
+    except ValueError as err:
+        sys.exit(f"error: {cfg.dataset}: {err}")
     num_classes = (cfg.num_classes or count_classes(train_ds, label_col, cfg.dataset)) if label_col else 0
     if cfg.streaming:
         train_ds = split_dataset_by_node(train_ds.shuffle(cfg.seed, buffer_size=cfg.shuffle_buffer), rank, world)
@@ -552,7 +603,6 @@ def main(cfg: Config):
     base_lrs = [cfg.probe_lr if g["name"] == "probe" else cfg.lr for g in optimizer.param_groups]
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     start_step = load_checkpoint(ckpt_path, model, optimizer, sigreg) if os.path.exists(ckpt_path) else 0
     if cfg.compile:
         model.backbone.compile()  # in place: state_dict keys stay those of the plain timm model
@@ -570,8 +620,14 @@ def main(cfg: Config):
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
-    # appended to: after a resume, steps between a killed run's last checkpoint and its death appear twice
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if master and os.path.exists(metrics_path):  # resume: drop what a killed run logged after its checkpoint
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start_step]
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
+    metrics = open(metrics_path, "a") if master else None
 
     def log(record):
         if master:
@@ -631,7 +687,8 @@ def main(cfg: Config):
             elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
             images_per_s, last_log = cfg.batch_size * (step + 1 - last_log) / elapsed, step + 1
             record = dict(step=step + 1, epoch=epoch, loss=loss.item(), invariance=inv.item(), sigreg=sig.item(),
-                          probe_loss=probe_loss.item(), lr=optimizer.param_groups[0]["lr"], images_per_s=images_per_s)
+                          probe_loss=probe_loss.item(), lr=optimizer.param_groups[0]["lr"], images_per_s=images_per_s,
+                          skipped_images=views.skipped.value)  # unreadable files so far (rank 0's share)
             bar.set_postfix(loss=f"{record['loss']:.4f}", inv=f"{record['invariance']:.4f}",
                             sigreg=f"{record['sigreg']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.0f}")
             log(record)
@@ -644,6 +701,11 @@ def main(cfg: Config):
     bar.close()
 
     # end: check that DDP kept the ranks identical, export the backbone alone for timm
+    skipped = torch.tensor(views.skipped.value, device=device)  # unreadable images replaced, all ranks
+    if ddp:
+        dist.all_reduce(skipped)
+    if skipped:
+        print0(f"skipped {skipped.item()} unreadable image(s) (each replaced by the next readable one; see warnings)")
     in_sync = params_in_sync(model)
     print0(f"parameters identical on all {world} ranks: {in_sync}")
     log(dict(step=step if last_step else step + 1, params_in_sync=in_sync))

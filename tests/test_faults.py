@@ -1,0 +1,202 @@
+"""Faults and bad input for minimal_vit_inet.py: preemption of one rank, SIGKILL at any moment (during a
+checkpoint write too), broken and unusual image files, a dataset without images, another run's out_dir."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_pretrain import ROOT, TINY, env, free_port, losses, read_metrics, write_image_folder  # noqa: E402
+
+import minimal_vit_inet as mvi  # noqa: E402
+
+
+def launch(tmp, data, out, *extra, nproc=2, epochs=50):
+    """Start a tiny training under torchrun in its own process group; returns the Popen."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", str(epochs), "--out_dir", str(out),
+           *TINY, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for_steps(p, out, n, timeout=180):
+    """Wait until the running job has logged n steps (reading only complete lines: it is being written)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None:
+        if (out / "metrics.jsonl").exists():
+            lines = [line for line in open(out / "metrics.jsonl") if line.endswith("\n")]
+            if sum("loss" in json.loads(line) for line in lines) >= n:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"training did not reach step {n}: {p.poll()}")
+
+
+def rank_pid(agent_pid, rank):
+    """The pid of the torchrun worker with RANK=rank: a child of the torchrun agent (read from /proc, Linux)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if ppid == agent_pid and f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker with RANK={rank} under {agent_pid}")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("imgs"))
+
+
+def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, data):
+    out = tmp_path / "out"
+    p = launch(tmp_path, data, out)
+    wait_for_steps(p, out, 2)
+    os.kill(rank_pid(p.pid, 1), signal.SIGTERM)  # preemption notice reaching rank 1 only
+    stdout, _ = p.communicate(timeout=180)
+    assert p.returncode == 0, stdout[-3000:]  # torchrun: every rank exited cleanly
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert f"stopped after step {step} (SIGTERM)" in stdout and "resume with the same command" in stdout
+    assert [r["step"] for r in read_metrics(out) if "params_in_sync" in r] and \
+        all(r["params_in_sync"] for r in read_metrics(out) if "params_in_sync" in r)
+
+
+def test_sigkill_while_writing_checkpoints_never_leaves_a_broken_one(tmp_path):
+    """A process writes checkpoints back to back (each a few MB, via the script's own save_checkpoint);
+    SIGKILL lands at random moments, mostly mid-write: the file on disk always loads, whole."""
+    script = f"""
+import sys, dataclasses, torch
+sys.path.insert(0, {str(ROOT)!r})
+import minimal_vit_inet as mvi
+from sigreg import SIGReg
+model = mvi.LeJEPA(mvi.build_backbone("resnet18"), 256, 32)
+opt = torch.optim.AdamW(model.parameters())
+cfg = mvi.Config()
+for step in range(1, 10**6):
+    mvi.save_checkpoint({str(tmp_path / "ckpt.pt")!r}, model, opt, SIGReg(8), step, cfg)
+    print(step, flush=True)
+"""
+    rng = random.Random(0)
+    last = 0
+    for trial in range(4):
+        p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+        p.stdout.readline()  # the first checkpoint is complete
+        time.sleep(rng.uniform(0.05, 1.0))
+        p.kill()
+        p.wait()
+        ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+        assert ckpt["step"] >= 1 and ckpt["backbone"] and ckpt["optimizer"] is not None
+        last = ckpt["step"]
+    assert last >= 1
+
+
+def test_sigkill_mid_run_resumes_from_the_last_checkpoint(tmp_path, data):
+    out = tmp_path / "out"
+    p = launch(tmp_path, data, out, "--save_every", "3", epochs=2)
+    wait_for_steps(p, out, 5)
+    for pid in [rank_pid(p.pid, 0), rank_pid(p.pid, 1), p.pid]:  # the whole job dies at once, no handler runs
+        os.kill(pid, signal.SIGKILL)
+    p.wait()
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert saved >= 3
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "2", "--out_dir", str(out),
+           *TINY, "--save_every", "3"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"start step {saved}" in r.stdout
+    steps = [rec["step"] for rec in read_metrics(out) if "loss" in rec]
+    assert steps == sorted(set(steps)) == list(range(1, 21))  # every step logged once, none lost, none twice
+    assert (out / "backbone.pth").exists()
+
+
+def write_odd_images(root: Path):
+    """A labelled folder where some files are broken and others are in unusual modes or tiny."""
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (36, 44, 3), dtype=np.uint8)).save(root / "train" / f"c{c}" / f"{i}.jpg")
+    (root / "train" / "c0" / "3_garbage.jpg").write_bytes(b"this is not an image" * 20)
+    good = (root / "train" / "c1" / "0.jpg").read_bytes()
+    (root / "train" / "c1" / "3_truncated.jpg").write_bytes(good[: len(good) // 2])
+    d = root / "train" / "c1"
+    Image.new("CMYK", (40, 30), (10, 200, 30, 40)).save(d / "cmyk.jpg")
+    Image.new("L", (30, 40), 100).save(d / "gray.jpg")
+    Image.new("P", (30, 30), 5).save(d / "palette.png")
+    Image.new("RGBA", (30, 30), (1, 200, 3, 100)).save(d / "rgba.png")
+    Image.new("RGB", (3, 2), (1, 2, 3)).save(d / "tiny.png")  # smaller than any crop
+    return root
+
+
+def test_odd_images_are_converted_and_broken_ones_skipped_and_counted(tmp_path):
+    data = write_odd_images(tmp_path / "imgs")
+    ds = mvi.load_split(str(data), "train")
+    import datasets
+    paths = [row["image"]["path"] for row in ds.cast_column("image", datasets.Image(decode=False))]
+    bad = [i for i, p in enumerate(paths) if "garbage" in p or "truncated" in p]
+    assert len(bad) == 2 and bad[1] - bad[0] > 1 and bad[1] < len(ds) - 1  # apart: each replaced by a good one
+    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), seed=0)
+    items = [views[(0, i)] for i in range(len(ds))]
+    assert views.skipped.value == 2  # the garbage and the truncated file, nothing else
+    for crops, label in items:
+        assert [tuple(v.shape) for v in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+        assert all(v.dtype == torch.uint8 for v in crops) and label in (0, 1)
+
+    out = tmp_path / "out"  # end to end, single process, 2 DataLoader workers, one batch = the whole set
+    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "2",
+           "--out_dir", str(out), *TINY, "--batch_size", str(len(ds)), "--workers", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("warning: skipped unreadable image") == 4
+    assert "skipped 4 unreadable image(s)" in r.stdout  # 2 files, met once in each of the 2 epochs
+    assert (out / "backbone.pth").exists()
+
+    stream = mvi.StreamViews(mvi.load_split(str(data), "train", streaming=True), "image", "label",
+                             mvi.MultiCrop(32, 16, 1, 1))
+    assert len(list(stream)) == len(ds) - 2 and stream.skipped.value == 2
+
+
+def run_script(tmp_path, *args):
+    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
+
+
+def test_dataset_without_an_image_column_names_the_columns(tmp_path):
+    import datasets
+    datasets.DatasetDict(train=datasets.Dataset.from_dict({"caption": ["a", "b"], "score": [1, 2]})) \
+        .save_to_disk(str(tmp_path / "noimg"))
+    r = run_script(tmp_path, "--dataset", str(tmp_path / "noimg"), "--out_dir", str(tmp_path / "out"), *TINY)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "no image column" in last and "caption" in last and "score" in last
+
+
+@pytest.mark.parametrize("change", [["--model", "vit_small_patch16_224"], ["--lamb", "0.2"], ["--proj_dim", "32"]])
+def test_out_dir_of_another_run_is_refused_and_untouched(tmp_path, change):
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = mvi.parse_config(TINY + ["--out_dir", str(out)])
+    model = mvi.LeJEPA(mvi.build_backbone(cfg.model, cfg.global_size), cfg.proj_hidden, cfg.proj_dim)
+    from sigreg import SIGReg
+    mvi.save_checkpoint(str(out / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()), SIGReg(8), 5, cfg)
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 1.0}) + "\n")
+    before = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()}
+    # the dataset does not exist: had the script gone on to load it, it would fail with another error
+    r = run_script(tmp_path, "--dataset", str(tmp_path / "does_not_matter"), "--out_dir", str(out), *TINY, *change)
+    assert r.returncode != 0
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error:") and "belongs to another run" in line and change[0] in line
+    assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()} == before  # nothing written
