@@ -31,7 +31,6 @@ ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms on the hub and `hu
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -279,7 +278,7 @@ def features(cfg, model, mean, std, ident, name, role, device, rank, world):
     feats, labels, t0 = [], [], time.perf_counter()
     with torch.no_grad(), autocast:
         for x, y in tqdm(loader, desc=f"{name} {role}", disable=True if rank else None):  # None: off in logs
-            x = (x.to(device, non_blocking=True).float() / 255 - m) / s  # uint8 (B, 3, H, W) -> normalised
+            x = (x.to(device, non_blocking=True).float() / 255 - m) / s  # uint8 -> normalised (timm weights: own mean/std)
             feats.append(embed(model, x).float())
             labels.append(y.to(device))
     f = torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
