@@ -21,6 +21,7 @@ class), extracted once to --root; the bench skips with a message when the archiv
 Measured (2-core CPU shared with other jobs; --threads 1, 23 img/s; the 30-minute figures are not measured yet):
     --budget_min 8: 58 steps (0.15 epoch) | linear / k-NN top-1: LeJEPA 26.90 / 24.30, random init 23.84 / 23.39,
     raw pixels 38.46 (linear) | probes 15 min the first time (random-init and pixel features are then cached)
+    --budget_min 13: 139 steps (0.36 epoch, 13.3 min: the budget is approximate) | LeJEPA 34.35 / 28.67 (+10.5)
 """
 import dataclasses
 import json
