@@ -283,6 +283,11 @@ def features(cfg, model, mean, std, ident, name, role, device, rank, world):
             labels.append(y.to(device))
     f = torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    skipped = torch.tensor([loader.dataset.skipped.value], device=device)  # unreadable files (see warnings)
+    if world > 1:
+        dist.all_reduce(skipped)
+    if skipped.item():
+        print0(f"{name} {role}: {skipped.item()} unreadable image(s), each replaced by the next readable one")
     if world > 1:  # map-style: rank r held rows r, r + world, ...; streamed shards have no order to restore
         width = torch.tensor([f.shape[1]], device=device)
         dist.all_reduce(width, op=dist.ReduceOp.MAX)  # a rank with no rows still takes part in the gather

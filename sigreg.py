@@ -1,4 +1,4 @@
-"""SIGReg: Sketched Isotropic Gaussian Regularisation (LeJEPA, arXiv 2511.08544, Sec. 4).
+"""SIGReg: Sketched Isotropic Gaussian Regularisation (LeJEPA, arXiv 2511.08544).
 
 SIGReg pushes the distribution of embeddings z (N samples, D dims) towards an isotropic Gaussian.
 It draws K random unit directions a_k (the "slices", new each call), projects x_k = z @ a_k, and

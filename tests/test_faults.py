@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_pretrain import ROOT, TINY, env, free_port, losses, read_metrics, write_image_folder  # noqa: E402
+from test_pretrain import ROOT, TINY, env, free_port, read_metrics  # noqa: E402
 
 import minimal_vit_inet as mvi  # noqa: E402
 
@@ -54,11 +54,6 @@ def rank_pid(agent_pid, rank):
     raise AssertionError(f"no worker with RANK={rank} under {agent_pid}")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("imgs"))
-
-
 def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, data):
     out = tmp_path / "out"
     p = launch(tmp_path, data, out)
@@ -76,7 +71,7 @@ def test_sigkill_while_writing_checkpoints_never_leaves_a_broken_one(tmp_path):
     """A process writes checkpoints back to back (each a few MB, via the script's own save_checkpoint);
     SIGKILL lands at random moments, mostly mid-write: the file on disk always loads, whole."""
     script = f"""
-import sys, dataclasses, torch
+import sys, torch
 sys.path.insert(0, {str(ROOT)!r})
 import minimal_vit_inet as mvi
 from sigreg import SIGReg
@@ -167,6 +162,17 @@ def test_odd_images_are_converted_and_broken_ones_skipped_and_counted(tmp_path):
     stream = mvi.StreamViews(mvi.load_split(str(data), "train", streaming=True), "image", "label",
                              mvi.MultiCrop(32, 16, 1, 1))
     assert len(list(stream)) == len(ds) - 2 and stream.skipped.value == 2
+
+
+def test_linear_probe_skips_and_reports_broken_images(tmp_path):
+    data = write_odd_images(tmp_path / "imgs")
+    cmd = [sys.executable, str(ROOT / "linear_probe.py"), "--model", "resnet18", "--global_size", "32",
+           "--dataset", str(data), "--val_split", "train", "--out_dir", str(tmp_path / "probe"), "--workers", "0"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.count("2 unreadable image(s)") == 2  # train and val extraction each met both files
+    result = json.load(open(tmp_path / "probe" / "results.json"))
+    assert "nan" not in json.dumps(result).lower()
 
 
 def run_script(tmp_path, *args):

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import linear_probe as lp  # noqa: E402
 import minimal_vit_inet as mvi  # noqa: E402
-from test_pretrain import TINY, env, free_port, write_image_folder  # noqa: E402
+from test_pretrain import TINY, env, free_port  # noqa: E402
 
 FAST = ["--epochs", "20", "--min_steps", "100", "--workers", "0", "--batch_size", "64"]
 
@@ -28,11 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("imgs"))
 
 
 @pytest.fixture(scope="module")

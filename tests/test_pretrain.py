@@ -72,11 +72,6 @@ def losses(records):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("imgs"))
-
-
-@pytest.fixture(scope="module")
 def full_run(tmp_path_factory, data):
     """One uninterrupted 2-process run of 20 steps: the reference the other tests compare with."""
     tmp = tmp_path_factory.mktemp("full")
