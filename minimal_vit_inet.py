@@ -587,6 +587,9 @@ def main(cfg: Config):
     steps_per_epoch = cfg.steps_per_epoch or n_train // cfg.batch_size
     if steps_per_epoch <= 0:
         sys.exit(f"error: cannot derive steps per epoch ({n_train} images, batch {cfg.batch_size}); pass --steps_per_epoch")
+    if not cfg.streaming and steps_per_epoch > n_train // cfg.batch_size:  # an epoch is one pass, no repeats
+        sys.exit(f"error: --steps_per_epoch {steps_per_epoch} x --batch_size {cfg.batch_size} exceeds the "
+                 f"{n_train} images of {cfg.dataset}; at most {n_train // cfg.batch_size} (use --epochs for more)")
     total_steps, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     multicrop = MultiCrop(cfg.global_size, cfg.local_size, cfg.n_global, cfg.n_local, cfg.global_scale, cfg.local_scale)
     views = ViewsDataset(train_ds, image_col, label_col, multicrop, cfg.seed) if not cfg.streaming else \

@@ -25,6 +25,7 @@ Measured (2-core CPU shared with other jobs; --threads 1, 23 img/s; the 30-minut
 """
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -75,11 +76,14 @@ def run(cmd, log, threads=0):
 
 
 def pretrain_args(cfg: Config, out: str, steps: int, *extra) -> list:
+    """About `steps` steps in as few epochs as hold them (an epoch is at most one pass over the 50k images),
+    one warm-up (10% of the steps) + cosine schedule over all of them."""
+    epochs = math.ceil(steps / (50_000 // cfg.batch_size))
     return ["minimal_vit_inet.py", "--dataset", cfg.root, "--val_split", "", "--model", cfg.model,
             "--global_size", str(cfg.global_size), "--local_size", str(cfg.local_size), "--n_local", str(cfg.n_local),
             "--batch_size", str(cfg.batch_size), "--proj_hidden", str(cfg.proj_hidden), "--lr", str(cfg.lr),
-            "--workers", str(cfg.workers), "--epochs", "1", "--steps_per_epoch", str(steps),
-            "--warmup_epochs", "0.1", "--out_dir", out, *extra]
+            "--workers", str(cfg.workers), "--epochs", str(epochs), "--steps_per_epoch", str(math.ceil(steps / epochs)),
+            "--warmup_epochs", str(0.1 * epochs), "--out_dir", out, *extra]
 
 
 def probe(cfg: Config, name: str, *backbone) -> dict:

@@ -190,6 +190,15 @@ def test_dataset_without_an_image_column_names_the_columns(tmp_path):
     assert last.startswith("error:") and "no image column" in last and "caption" in last and "score" in last
 
 
+def test_more_steps_per_epoch_than_the_data_holds_is_refused(tmp_path, data):
+    # 160 images / batch 16 = 10 steps: asking for 11 used to run out of data at step 11 and crash
+    r = run_script(tmp_path, "--dataset", str(data), "--out_dir", str(tmp_path / "out"), *TINY, "--steps_per_epoch", "11")
+    assert r.returncode != 0
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --steps_per_epoch 11") and "at most 10" in line
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
 @pytest.mark.parametrize("change", [["--model", "vit_small_patch16_224"], ["--lamb", "0.2"], ["--proj_dim", "32"]])
 def test_out_dir_of_another_run_is_refused_and_untouched(tmp_path, change):
     out = tmp_path / "out"
