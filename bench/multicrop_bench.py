@@ -5,7 +5,10 @@ Both sides start from JPEG bytes (decode included) and make all 2 + 6 views of e
   baseline : PIL decode, then one torchvision.transforms.v2.Compose per view type (RandomResizedCrop,
              flip, ColorJitter p0.8, grayscale p0.2, GaussianBlur(23, (0.1, 2)) p0.5, solarize p0.2,
              ToImage, ToDtype(float32, scale=True), Normalize): float32 views leave the worker
-  MultiCrop: PIL decode, crop first, PIL blur, uint8 views (float + normalise happen on the device)
+  MultiCrop: the worker's share: PIL decode, crop + resize + flip, every view's colour draws; uint8 views leave
+             the worker. Its colour stage (jitter, grayscale, blur, solarize, normalise) runs batched on the
+             training device: colour_augment(), timed here separately on this CPU (one thread, batches of 32
+             images), so the line "MultiCrop + colour stage on the CPU" shows the cost if there is no GPU.
 Per core: one thread, rounds interleaved (baseline, MultiCrop, baseline, ...) so machine noise hits both;
 the ratio is the median over rounds, in wall time and in process CPU time (robust to a busy machine).
 Total: one worker process per core (multiprocessing pool), each side in turn.
@@ -110,6 +113,29 @@ def main():
     per_core = {n: statistics.median(cpu[n]) for n in SIDES}
     print(f"per core (median images per CPU-second): baseline {per_core['baseline']:.1f}, MultiCrop {per_core['MultiCrop']:.1f}")
     print(f"speed-up per core: {ratio_cpu:.2f}x in CPU time, {ratio_wall:.2f}x in wall time (median of per-round ratios)")
+
+    # the colour stage MultiCrop leaves to the device, here on this CPU: batches of 32 images' views
+    views = [multicrop(j, i) for i, j in enumerate(jpegs[:32])]
+    batches = [[torch.stack(t) for t in zip(*[img[v] for img in views])] for v in range(8)]  # 8 x (pixels, colour)
+    colour_stage = lambda: [mvi.colour_augment(x, c) for x, c in batches]  # noqa: E731
+    colour_stage()
+    cpu = time.process_time()
+    for _ in range(3):
+        colour_stage()
+    colour_per_core = 3 * 32 / (time.process_time() - cpu)
+    both = 1 / (1 / per_core["MultiCrop"] + 1 / colour_per_core)
+    print(f"colour stage (colour_augment, the training device's share) on this CPU: {colour_per_core:.1f} img/s per core;"
+          f" MultiCrop + colour stage on the CPU: {both:.1f} img/s per core = {both / per_core['baseline']:.2f}x the baseline")
+    if torch.cuda.is_available():  # where it is meant to run
+        gpu = [[t.cuda() for t in b] for b in batches]
+        for _ in range(2):
+            [mvi.colour_augment(x, c) for x, c in gpu]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            [mvi.colour_augment(x, c) for x, c in gpu]
+        torch.cuda.synchronize()
+        print(f"colour stage on {torch.cuda.get_device_name()}: {10 * 32 / (time.perf_counter() - start):.0f} img/s")
 
     cores = os.cpu_count()
     total = {}

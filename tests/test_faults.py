@@ -147,8 +147,8 @@ def test_odd_images_are_converted_and_broken_ones_skipped_and_counted(tmp_path):
     items = [views[(0, i)] for i in range(len(ds))]
     assert views.skipped.value == 2  # the garbage and the truncated file, nothing else
     for crops, label in items:
-        assert [tuple(v.shape) for v in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
-        assert all(v.dtype == torch.uint8 for v in crops) and label in (0, 1)
+        assert [tuple(v.shape) for v, _ in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+        assert all(v.dtype == torch.uint8 for v, _ in crops) and label in (0, 1)
 
     out = tmp_path / "out"  # end to end, single process, 2 DataLoader workers, one batch = the whole set
     cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "2",

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -41,30 +41,41 @@ def assert_fires_with(hits, n, p):
     assert abs(hits - n * p) <= 6 * math.sqrt(n * p * (1 - p)), f"{hits}/{n} fired, expected p={p}"
 
 
+def coins(p) -> dict:
+    """Which ops a view's draws switch on, read from MultiCrop.params' colour vector."""
+    c = p["colour"]
+    return {"flip": p["flip"], "jitter": bool(c[0] >= 0), "gray": bool(c[8]), "blur": bool(c[9] > 0),
+            "solarize": bool(c[10])}
+
+
 @pytest.mark.parametrize("kind", ["global", "local"])
 def test_each_op_fires_with_its_probability(draws, kind):
-    ps = draws[kind]
-    assert_fires_with(sum(p["flip"] for p in ps), len(ps), 0.5)
-    assert_fires_with(sum(bool(p["jitter"]) for p in ps), len(ps), 0.8)
-    assert_fires_with(sum(p["gray"] for p in ps), len(ps), 0.2)
-    assert_fires_with(sum(p["blur"] is not None for p in ps), len(ps), 0.5)
-    assert_fires_with(sum(p["solarize"] for p in ps), len(ps), 0.2)
+    fired = [coins(p) for p in draws[kind]]
+    for op, prob in {"flip": 0.5, "jitter": 0.8, "gray": 0.2, "blur": 0.5, "solarize": 0.2}.items():
+        assert_fires_with(sum(f[op] for f in fired), len(fired), prob)
+    # independent coins: gray and solarize together fire with p = 0.2 * 0.2
+    assert_fires_with(sum(f["gray"] and f["solarize"] for f in fired), len(fired), 0.04)
 
 
 @pytest.mark.parametrize("kind", ["global", "local"])
 def test_jitter_factors_and_blur_sigma_in_range(draws, kind):
-    ranges = {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2), "hue": (-0.1, 0.1)}
+    ranges = [(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]  # brightness, contrast, saturation, hue
     orders = set()
     for p in draws[kind]:
-        if p["jitter"]:
-            assert sorted(op for op, _ in p["jitter"]) == sorted(ranges)  # all four ops, each once
-            assert all(ranges[op][0] <= f <= ranges[op][1] for op, f in p["jitter"])
-            orders.add(tuple(op for op, _ in p["jitter"]))
-        if p["blur"] is not None:
-            assert 0.1 <= p["blur"] <= 2.0
+        c = p["colour"].tolist()
+        assert all(lo <= f <= hi for f, (lo, hi) in zip(c[4:8], ranges))
+        if c[0] >= 0:
+            assert sorted(c[:4]) == [0, 1, 2, 3]  # all four ops, each once
+            orders.add(tuple(c[:4]))
+        else:
+            assert c[:4] == [-1] * 4  # jitter off: no op in any slot
+        assert c[9] == 0 or 0.1 <= c[9] <= 2.0
     assert len(orders) == 24  # random order: every permutation shows up in ~3200 draws
-    sigmas = [p["blur"] for p in draws[kind] if p["blur"] is not None]
-    assert min(sigmas) < 0.2 and max(sigmas) > 1.9  # the whole range is used
+    for k, (lo, hi) in enumerate(ranges):  # the whole range is used
+        factors = [p["colour"][4 + k].item() for p in draws[kind]]
+        assert min(factors) < lo + 0.01 * (hi - lo) and max(factors) > hi - 0.01 * (hi - lo)
+    sigmas = [p["colour"][9].item() for p in draws[kind] if p["colour"][9] > 0]
+    assert min(sigmas) < 0.2 and max(sigmas) > 1.9
 
 
 @pytest.mark.parametrize("kind,scale", [("global", (0.3, 1.0)), ("local", (0.05, 0.3))])
@@ -86,32 +97,81 @@ def test_crops_fall_in_scale_and_aspect_range(draws, kind, scale):
 def test_views_shapes_dtypes_and_reproducible():
     mc, img = mvi.MultiCrop(), photo()
     views = mc(img, torch.Generator().manual_seed(3))
-    assert [tuple(v.shape) for v in views] == [(3, 224, 224)] * 2 + [(3, 98, 98)] * 6
-    assert all(v.dtype == torch.uint8 for v in views)
+    assert [tuple(v.shape) for v, _ in views] == [(3, 224, 224)] * 2 + [(3, 98, 98)] * 6
+    assert all(v.dtype == torch.uint8 and c.dtype == torch.float32 and c.shape == (11,) for v, c in views)
     again = mc(img, torch.Generator().manual_seed(3))
-    assert all(torch.equal(a, b) for a, b in zip(views, again))  # exact resume depends on it
+    assert all(torch.equal(a, b) for va, vb in zip(views, again) for a, b in zip(va, vb))  # exact resume needs it
+    other = mc(img, torch.Generator().manual_seed(4))
+    assert not any(torch.equal(a[0], b[0]) for a, b in zip(views, other))  # every draw comes from the generator
     gray = mc(img.convert("L"), torch.Generator().manual_seed(3))  # non-RGB input is converted
-    assert [tuple(v.shape) for v in gray] == [(3, 224, 224)] * 2 + [(3, 98, 98)] * 6
+    assert [tuple(v.shape) for v, _ in gray] == [(3, 224, 224)] * 2 + [(3, 98, 98)] * 6
 
 
 def test_call_applies_the_drawn_params_in_order():
-    """__call__ = params() then view() per view, globals first, one generator; view() = the ops in table order."""
+    """__call__ = params() then view() per view, globals first, one generator; view() = crop, resize, flip."""
     mc, img = mvi.MultiCrop(global_size=64, local_size=32, n_global=2, n_local=3), photo(seed=1)
     views = mc(img, torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     ps = [mc.params(320, 240, 64, mc.global_scale, g) for _ in range(2)] + \
          [mc.params(320, 240, 32, mc.local_scale, g) for _ in range(3)]
-    for v, p in zip(views, ps):
-        assert torch.equal(v, mc.view(img, p))
+    for (v, c), p in zip(views, ps):
+        assert torch.equal(v, mc.view(img, p)) and torch.equal(c, p["colour"])
 
-    p = {"size": 48, "box": (10, 20, 210, 180), "flip": True, "gray": True, "blur": 1.3, "solarize": True,
-         "jitter": [("hue", 0.05), ("contrast", 1.3), ("brightness", 0.7), ("saturation", 1.1)]}
-    ref = img.resize((48, 48), Image.BILINEAR, box=(10, 20, 210, 180)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    ref = TF.adjust_saturation(TF.adjust_brightness(TF.adjust_contrast(TF.adjust_hue(ref, 0.05), 1.3), 0.7), 1.1)
-    ref = TF.rgb_to_grayscale(ref, num_output_channels=3).filter(ImageFilter.GaussianBlur(1.3))
-    assert torch.equal(mc.view(img, p), TF.pil_to_tensor(TF.solarize(ref, 128)))
-    off = {"size": 48, "box": (10, 20, 210, 180), "flip": False, "jitter": [], "gray": False, "blur": None, "solarize": False}
-    assert torch.equal(mc.view(img, off), TF.pil_to_tensor(img.resize((48, 48), Image.BILINEAR, box=(10, 20, 210, 180))))
+    box = (10, 20, 210, 180)
+    ref = TF.pil_to_tensor(img.resize((48, 48), Image.BILINEAR, box=box))
+    assert torch.equal(mc.view(img, {"size": 48, "box": box, "flip": False}), ref)
+    assert torch.equal(mc.view(img, {"size": 48, "box": box, "flip": True}), ref.flip(-1))
+
+
+def torchvision_reference(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    """One image, the seed's ops one after another with torchvision's float kernels: the independent reference."""
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    c = colour.tolist()
+    x = TF.to_dtype(x, torch.float32, scale=True)
+    for k in c[:4]:
+        if k >= 0:
+            x = ops[int(k)](x, c[4 + int(k)])
+    if c[8]:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if c[9] > 0:
+        x = TF.gaussian_blur(x, [23, 23], [c[9], c[9]])
+    if c[10]:
+        x = TF.solarize(x, threshold=128 / 255)
+    return TF.normalize(x, mvi.IMAGENET_MEAN, mvi.IMAGENET_STD)
+
+
+@pytest.mark.parametrize("size", [32, 98])
+def test_colour_augment_on_device_matches_torchvision_per_image(size):
+    """A batch with every image's own draws (the table's, plus hand-set corner cases) equals torchvision
+    applied image by image on the CPU."""
+    mc, g = mvi.MultiCrop(), torch.Generator().manual_seed(7)
+    colour = [mc.params(320, 240, size, (0.05, 1.0), g)["colour"] for _ in range(40)]
+    colour += [torch.tensor([-1.0] * 4 + [1, 1, 1, 0, 0, 0, 0]),  # nothing at all: plain normalisation
+               torch.tensor([3.0, 2, 1, 0, 1.4, 0.6, 1.2, -0.1, 1, 2.0, 1]),  # every op, extreme arguments
+               torch.tensor([0.0, 1, 2, 3, 0.6, 1.4, 0.8, 0.1, 0, 0.1, 0])]
+    colour = torch.stack(colour)
+    imgs = torch.stack([TF.pil_to_tensor(photo(size, size, seed=i)) for i in range(len(colour))])
+    imgs[0] = 128  # a flat grey image: hue undefined, contrast's mean = the pixels
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = mvi.colour_augment(imgs.to(device), colour.to(device))
+    assert out.dtype == torch.float32 and out.shape == imgs.shape and out.device.type == device
+    ref = torch.stack([torchvision_reference(x, c) for x, c in zip(imgs, colour)])
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=2e-4)  # ~5e-5 in [0, 1] units: float rounding only
+    assert (out.cpu() - ref).abs().amax((1, 2, 3)).max() < 2e-4
+
+
+def test_blur_of_views_smaller_than_the_kernel():
+    """8 px views (kernel 23 > view): the kernel shrinks to the view; sigma 0 leaves the image as it is."""
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = mvi.gaussian_blur(x, torch.tensor([1.5, 0.0], dtype=torch.float64))
+    assert torch.equal(out[1], x[1])
+    # reference: direct sum over a reflect-padded 15-tap window, float64
+    t = torch.arange(-7, 8, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / 1.5) ** 2)
+    k /= k.sum()
+    pad = torch.nn.functional.pad(x[:1], (7, 7, 7, 7), mode="reflect")[0]
+    ref = torch.einsum("i,j,cijhw->chw", k, k, pad.unfold(1, 8, 1).unfold(2, 8, 1)[:, :15, :15])
+    torch.testing.assert_close(out[0], ref)
 
 
 def test_normalize_on_device_matches_cpu_torchvision():

@@ -120,20 +120,6 @@ def test_load_split_and_find_columns(tmp_path, data, monkeypatch):
     assert mvi.count_classes(wds, "cls") == 8
 
 
-def test_multicrop_views_are_uint8_sized_and_reproducible():
-    mc = mvi.MultiCrop(global_size=32, local_size=16, n_global=2, n_local=3)
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
-    views = mc(img, torch.Generator().manual_seed(1))
-    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
-    assert all(v.dtype == torch.uint8 for v in views)
-    again = mc(img, torch.Generator().manual_seed(1))
-    assert all(torch.equal(a, b) for a, b in zip(views, again))  # every draw comes from the generator
-    other = mc(img, torch.Generator().manual_seed(2))
-    assert not all(torch.equal(a, b) for a, b in zip(views, other))
-    x = mvi.normalize(torch.stack(views[:2]))
-    assert x.dtype == torch.float32 and x.shape == (2, 3, 32, 32)
-
-
 # ---------------------------------------------------------------- end to end, torchrun --nproc_per_node=2
 
 def test_ddp_training_runs_loss_decreases_ranks_agree(full_run):
