@@ -160,6 +160,12 @@ def test_colour_augment_on_device_matches_torchvision_per_image(size):
     assert (out.cpu() - ref).abs().amax((1, 2, 3)).max() < 2e-4
 
 
+def test_colour_augment_of_a_batch_that_draws_no_op():
+    x = torch.randint(0, 256, (3, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    off = torch.tensor([[-1.0] * 4 + [1, 1, 1, 0, 0, 0, 0]] * 3)
+    assert torch.equal(mvi.colour_augment(x, off), mvi.normalize(x))
+
+
 def test_blur_of_views_smaller_than_the_kernel():
     """8 px views (kernel 23 > view): the kernel shrinks to the view; sigma 0 leaves the image as it is."""
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
