@@ -75,6 +75,25 @@ def one_pass(fn, jpegs):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def colour_stage_rate(batches, n_images, rounds=3) -> float:
+    """Images/s of colour_augment over the batches of n_images' views, after a warm-up call: process CPU time on
+    the CPU (per core, robust to a busy machine), synchronised wall time on a GPU."""
+    def run():
+        for x, c in batches:
+            mvi.colour_augment(x, c)
+    cuda = batches[0][0].is_cuda
+    clock = time.perf_counter if cuda else time.process_time
+    run()
+    if cuda:
+        torch.cuda.synchronize()  # the warm-up's kernels finish outside the timed span
+    start = clock()
+    for _ in range(rounds):
+        run()
+    if cuda:
+        torch.cuda.synchronize()
+    return rounds * n_images / (clock() - start)
+
+
 def _worker_init():
     torch.set_num_threads(1)
 
@@ -117,25 +136,13 @@ def main():
     # the colour stage MultiCrop leaves to the device, here on this CPU: batches of 32 images' views
     views = [multicrop(j, i) for i, j in enumerate(jpegs[:32])]
     batches = [[torch.stack(t) for t in zip(*[img[v] for img in views])] for v in range(8)]  # 8 x (pixels, colour)
-    colour_stage = lambda: [mvi.colour_augment(x, c) for x, c in batches]  # noqa: E731
-    colour_stage()
-    cpu = time.process_time()
-    for _ in range(3):
-        colour_stage()
-    colour_per_core = 3 * 32 / (time.process_time() - cpu)
+    colour_per_core = colour_stage_rate(batches, 32)
     both = 1 / (1 / per_core["MultiCrop"] + 1 / colour_per_core)
     print(f"colour stage (colour_augment, the training device's share) on this CPU: {colour_per_core:.1f} img/s per core;"
           f" MultiCrop + colour stage on the CPU: {both:.1f} img/s per core = {both / per_core['baseline']:.2f}x the baseline")
     if torch.cuda.is_available():  # where it is meant to run
-        gpu = [[t.cuda() for t in b] for b in batches]
-        for _ in range(2):
-            [mvi.colour_augment(x, c) for x, c in gpu]
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(10):
-            [mvi.colour_augment(x, c) for x, c in gpu]
-        torch.cuda.synchronize()
-        print(f"colour stage on {torch.cuda.get_device_name()}: {10 * 32 / (time.perf_counter() - start):.0f} img/s")
+        rate = colour_stage_rate([[t.cuda() for t in b] for b in batches], 32, rounds=10)
+        print(f"colour stage on {torch.cuda.get_device_name()}: {rate:.0f} img/s")
 
     cores = os.cpu_count()
     total = {}
