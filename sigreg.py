@@ -18,9 +18,10 @@ Implementation notes
   Equally spaced knots give exp(i t_j x) = exp(i dt x)^j, so one complex exponential per (n, k)
   and M-1 complex products replace M cos/sin pairs (angle-addition recurrence). The backward pass
   recomputes the projection and the powers (Horner's rule) instead of keeping them.
-- DDP: the ECF is a mean over samples, so averaging it across ranks (autograd-aware functional
-  all-reduce, usable under torch.compile) and using the global N gives every rank the value of one
-  process on the concatenated batch; DDP's gradient averaging then gives its gradients too.
+- DDP: the ECF is a mean over samples, so averaging it across ranks and using the global N gives
+  every rank the value of one process on the concatenated batch. The gradient is a straight-through
+  global mean (see _GlobalMean): exact, and independent of whether this torch's collectives have
+  autograd (functional collectives had none before PyTorch PR 168140, late 2025).
   Every rank must hold the same number of samples and use the same slices: they come from a
   generator seeded by (seed, step), where step counts calls and lives in state_dict().
 - Precision: the cos/sin means of many samples lose digits in bf16, so everything here runs in
@@ -70,6 +71,25 @@ class _ProjectedECF(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+class _GlobalMean(torch.autograd.Function):
+    """Mean of a tensor over all ranks; the backward passes the gradient through unchanged.
+
+    Why that is exact: every rank computes the same loss L from the same global ECF, so the upstream
+    gradient g = dL/d(global ECF) is identical on every rank. One process on the concatenated batch
+    would give rank r's samples the gradient g * (1/W) * d ecf_r/dz; passing g straight through gives
+    g * d ecf_r/dz, and DDP's average over the W ranks supplies the 1/W. No collective is needed in
+    the backward, so no collective needs autograd."""
+
+    @staticmethod
+    def forward(ctx, x):
+        # functional (traceable by torch.compile); "sum" then divide: older gloo builds have no "avg"
+        return funcol.all_reduce(x, "sum", dist.group.WORLD) / dist.get_world_size()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 class EppsPulley(nn.Module):
     """Epps-Pulley statistic per column: x (*, N, K) -> (*, K).
 
@@ -96,7 +116,7 @@ class EppsPulley(nn.Module):
             gauss = torch.exp(-t.square() / 2)  # characteristic function of N(0, 1) = the weight
             ecf = _ProjectedECF.apply(x, slices, self.t_max / (M - 1), M)  # (*, K, M, 2)
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                ecf = funcol.all_reduce(ecf, "avg", dist.group.WORLD)  # global mean (same N per rank)
+                ecf = _GlobalMean.apply(ecf)  # global mean (same N per rank)
                 N = N * dist.get_world_size()
             err = (ecf[..., 0] - gauss).square() + ecf[..., 1].square()  # |ecf - phi|^2, (*, K, M)
             return N * (err @ (trapezoid * gauss))  # (*, K), fp32 (fp64 for fp64 input)

@@ -1,4 +1,7 @@
-"""Run by test_sigreg.py under torchrun: each rank scores half the batch through a DDP-wrapped layer."""
+"""Run by test_sigreg.py under torchrun: each rank scores half the batch through a DDP-wrapped layer.
+
+argv: output folder, then "autograd" or "no-autograd". "no-autograd" makes the functional all-reduce
+return a tensor without a gradient path, as torch before PyTorch PR 168140 did (issue 152127)."""
 import os
 import sys
 
@@ -17,6 +20,9 @@ def make_problem():
 
 
 if __name__ == "__main__":
+    if sys.argv[2] == "no-autograd":
+        real_all_reduce = sigreg.funcol.all_reduce
+        sigreg.funcol.all_reduce = lambda x, op, group: sigreg.funcol.wait_tensor(real_all_reduce(x, op, group)).detach()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model, x = make_problem()

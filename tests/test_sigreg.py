@@ -193,12 +193,14 @@ def test_bad_input_gets_a_clear_error(make, call, match):
         call(f)
 
 
-def test_ddp_two_ranks_equal_one_process(tmp_path):
-    """Two gloo ranks, half a batch each, against one process on the whole batch (eager and torch.compile)."""
+@pytest.mark.parametrize("collective", ["autograd", "no-autograd"])
+def test_ddp_two_ranks_equal_one_process(tmp_path, collective):
+    """Two gloo ranks, half a batch each, against one process on the whole batch (eager and torch.compile);
+    also when the all-reduce has no autograd, as on torch before late 2025 (the gradient must not rely on it)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            "--master_port=0", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
-           os.path.join(HERE, "ddp_sigreg_worker.py"), str(tmp_path)]
+           os.path.join(HERE, "ddp_sigreg_worker.py"), str(tmp_path), collective]
     subprocess.run(cmd, env=env, check=True, timeout=240)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
