@@ -24,6 +24,8 @@ ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms on the hub and `hu
 """
 import argparse
 import dataclasses
+import datetime
+import fcntl
 import functools
 import json
 import math
@@ -31,7 +33,9 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,6 +109,11 @@ class Config:
     stop_after: int = 0  # > 0: checkpoint and exit after this many steps, schedule unchanged (time-limited jobs)
 
 
+def looks_local(dataset: str) -> bool:
+    """A path (absolute, relative, home) or an existing folder, rather than a hub id (owner/name)."""
+    return dataset.startswith(("/", ".", "~")) or os.path.isdir(dataset) or dataset.count("/") > 1
+
+
 def parse_config(argv=None) -> Config:
     """argparse generated from the dataclass: --field value for every field; bools take true/false."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -117,12 +126,22 @@ def parse_config(argv=None) -> Config:
             p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
     # fail fast, before any heavy work, with one clear line
-    checks = [
-        (cfg.batch_size > 0, f"--batch_size must be > 0, got {cfg.batch_size}"),
+    positive = ["batch_size", "global_size", "local_size", "num_slices", "proj_hidden", "proj_dim", "epochs", "lr",
+                "log_every", "save_every", "shuffle_buffer", "final_lr_div"]
+    not_negative = ["workers", "num_classes", "steps_per_epoch", "stop_after", "warmup_epochs", "n_local", "drop_path"]
+    checks = [(getattr(cfg, k) > 0, f"--{k} must be > 0, got {getattr(cfg, k)}") for k in positive]
+    checks += [(getattr(cfg, k) >= 0, f"--{k} must be >= 0, got {getattr(cfg, k)}") for k in not_negative]
+    checks += [
         (0.0 <= cfg.lamb <= 1.0, f"--lamb must be in [0, 1], got {cfg.lamb}"),
-        (cfg.n_global >= 1 and cfg.n_local >= 0, "need --n_global >= 1 and --n_local >= 0"),
-        (cfg.epochs > 0 and cfg.lr > 0, "--epochs and --lr must be > 0"),
+        (cfg.n_global >= 1, f"--n_global must be >= 1 (the invariance targets are the global views), got {cfg.n_global}"),
+        (cfg.drop_path < 1, f"--drop_path must be < 1, got {cfg.drop_path}"),
+        (all(0 < a <= b <= 1 for a, b in (cfg.global_scale, cfg.local_scale)),
+         f"crop scales need 0 < min <= max <= 1, got {cfg.global_scale} and {cfg.local_scale}"),
+        (cfg.warmup_epochs < cfg.epochs, f"--warmup_epochs {cfg.warmup_epochs} is not shorter than --epochs {cfg.epochs}: "
+         f"the learning rate would never reach its peak; pass a shorter warm-up, e.g. --warmup_epochs {cfg.epochs / 10:g}"),
         (timm.is_model(cfg.model), f"unknown timm model {cfg.model!r}; see timm.list_models('*vit*')"),
+        (not looks_local(cfg.dataset) or os.path.isdir(cfg.dataset),
+         f"--dataset {cfg.dataset}: no such folder (a local dataset is a folder; a hub id is owner/name)"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -133,17 +152,90 @@ def parse_config(argv=None) -> Config:
 # -----------------------------------------------------------------------------
 # Distributed setup: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process
 
+# Collectives wait this long for a slow rank (NCCL's default is 10 minutes): a rank 0 writing a 3.7 GB
+# checkpoint to a network filesystem, or ranks of another node still preparing the dataset. A rank that
+# fails does not make the others wait for it: it exits at once (run()), and torchrun then stops them all.
+DIST_TIMEOUT = datetime.timedelta(minutes=60)
+
+
 def setup_distributed():
     ddp = "RANK" in os.environ
     if ddp:
         rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=DIST_TIMEOUT)
+        exit_with_launcher()
     else:
         rank, world, local_rank = 0, 1, 0
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     return ddp, rank, world, device
+
+
+def run(main, *args):
+    """Call main; on any error end this process at once, non-zero, with the traceback (or the one-line
+    message of sys.exit). os._exit skips the interpreter's exit handlers, which would otherwise wait
+    forever for DataLoader workers (they ignore SIGTERM, see below); the workers notice their parent is
+    gone and exit too. Under torchrun the agent then stops the other ranks, so the whole job ends."""
+    try:
+        main(*args)
+    except BaseException as err:  # KeyboardInterrupt and SystemExit too
+        if isinstance(err, SystemExit):
+            code = err.code if isinstance(err.code, int) else (err.code is not None)
+            if isinstance(err.code, str):
+                print(err.code, file=sys.stderr)
+        else:
+            code = 1
+            rank = os.environ.get("RANK")
+            print(f"error on rank {rank}:" if rank else "error:", file=sys.stderr)
+            traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def exit_with_launcher(poll_s: float = 1.0):
+    """Under torchrun: end this process soon after the torchrun process dies (the OOM killer, kill -9, a closed
+    shell). Its workers live in sessions of their own and would otherwise train on, writing to out_dir."""
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:  # re-parented once the launcher is gone
+            time.sleep(poll_s)
+        print(f"error: rank {os.environ.get('RANK')}: torchrun (pid {launcher}) is gone; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="launcher-watch").start()
+
+
+LOCK = {"fd": None}  # the open lock file of out_dir; the OS releases the lock when the process dies
+
+
+def lock_out_dir(out_dir: str) -> int:
+    """Take the exclusive lock of out_dir (flock on out_dir/lock, holding our pid). Returns 0, or the pid of the
+    process that holds it. A lock file that exists is opened without being written, so a refused launch
+    touches nothing; a crashed holder leaves no stale lock (flock dies with its process)."""
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(os.path.join(out_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        return int(holder) if holder.isdigit() else -1
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    LOCK["fd"] = fd
+    return 0
+
+
+def _worker_init(worker_id):
+    """DataLoader workers: keep running through a SIGTERM sent to the whole process group, so the last step
+    completes; and drop the inherited lock file descriptor, so the lock is released when the main process dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if LOCK["fd"] is not None:
+        os.close(LOCK["fd"])  # closes this process's reference only: the lock stays with the main process
 
 
 def print0(*args, **kwargs):
@@ -156,11 +248,6 @@ STOP = {"requested": False}  # set by SIGTERM (cluster preemption); the loop che
 
 def _on_sigterm(signum, frame):
     STOP["requested"] = True
-
-
-def _worker_ignores_sigterm(worker_id):
-    """DataLoader workers outlive a SIGTERM sent to the whole process group, so the last step completes."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # -----------------------------------------------------------------------------
@@ -207,15 +294,14 @@ def find_columns(ds, image_column: str = "", label_column: str = ""):
 
 
 def count_classes(ds, label_col, dataset_name: str = "") -> int:
-    """Number of classes for the probe: ClassLabel, else max label + 1 (map-style) or 1000 for ImageNet-1k."""
+    """Number of classes for the probe: ClassLabel, else max label + 1 (map-style) or 1000 for ImageNet-1k;
+    0 when unknown (a stream without ClassLabel)."""
     feat = (ds.features or {}).get(label_col)
     if isinstance(feat, datasets.ClassLabel):
         return feat.num_classes
     if isinstance(ds, datasets.Dataset):
         return int(max(ds[label_col])) + 1
-    if "imagenet-1k" in dataset_name:
-        return 1000
-    raise ValueError("cannot count classes of a streamed dataset without ClassLabel; pass --num_classes")
+    return 1000 if "imagenet-1k" in dataset_name else 0
 
 
 def _uniform(g, lo=0.0, hi=1.0) -> float:
@@ -361,6 +447,11 @@ def eval_transform(img: Image.Image, generator=None, size: int = 224) -> torch.T
     return TF.pil_to_tensor(TF.center_crop(img, [size, size]))
 
 
+def seed_rank(seed: int, rank: int):
+    """Seed the global RNG by (seed, rank): what each rank draws on its own (stochastic depth, streamed views)."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """Augmentation seed of one sample: the same for any worker count, world size or resume point."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
@@ -429,7 +520,7 @@ def train_batches(cfg, ds, views, epoch, skip, rank, world, per_rank, steps_per_
         sampler.set_epoch(epoch)  # a new permutation each epoch, the same on all ranks
         order = list(sampler)[skip * per_rank: steps_per_epoch * per_rank]
         loader = DataLoader(views, per_rank, sampler=[(epoch, i) for i in order], num_workers=cfg.workers,
-                            drop_last=True, pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_ignores_sigterm)
+                            drop_last=True, pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init)
         yield from loader
         return
     ds.set_epoch(epoch)  # streaming: reshuffles shards and buffer, same seed on all ranks
@@ -437,7 +528,7 @@ def train_batches(cfg, ds, views, epoch, skip, rank, world, per_rank, steps_per_
     while True:  # a rank whose shards run dry restarts them: every rank must do the same number of steps
         before = done
         for batch in DataLoader(views, per_rank, num_workers=cfg.workers, drop_last=True,
-                                worker_init_fn=_worker_ignores_sigterm):
+                                worker_init_fn=_worker_init):
             if done >= skip:  # skipped batches are decoded (streams cannot seek)
                 yield batch
             done += 1
@@ -453,10 +544,10 @@ def eval_loader(cfg, ds, image_col, label_col, rank, world, per_rank):
     if isinstance(ds, datasets.Dataset):
         data = ViewsDataset(ds, image_col, label_col, transform, cfg.seed)
         sampler = [(0, i) for i in range(rank, len(ds), world)]
-        return DataLoader(data, per_rank, sampler=sampler, num_workers=cfg.workers, worker_init_fn=_worker_ignores_sigterm)
+        return DataLoader(data, per_rank, sampler=sampler, num_workers=cfg.workers, worker_init_fn=_worker_init)
     ds = split_dataset_by_node(ds, rank, world)
     return DataLoader(StreamViews(ds, image_col, label_col, transform), per_rank, num_workers=cfg.workers,
-                      worker_init_fn=_worker_ignores_sigterm)
+                      worker_init_fn=_worker_init)
 
 
 # -----------------------------------------------------------------------------
@@ -555,10 +646,11 @@ def save_checkpoint(path: str, model: LeJEPA, optimizer, sigreg, step: int, cfg:
 RESUMABLE = {"workers", "log_every", "save_every", "stop_after", "compile", "out_dir"}
 
 
-def check_same_run(path: str, cfg: Config):
-    """Exit with one line, touching nothing, if the checkpoint at `path` was written by a different run."""
+def check_same_run(path: str, cfg: Config) -> int:
+    """The step of the checkpoint at `path`; exit with one line, touching nothing, if another run wrote it."""
     try:
-        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["config"]  # mmap: no full read
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # mmap: no full read
+        saved = ckpt["config"]
     except Exception as err:
         sys.exit(f"error: cannot read {path} ({type(err).__name__}: {err}); move it away to start afresh")
     diff = [f"--{k} {saved.get(k)!r} there, {v!r} here" for k, v in dataclasses.asdict(cfg).items()
@@ -566,6 +658,7 @@ def check_same_run(path: str, cfg: Config):
     if diff:
         sys.exit(f"error: {path} belongs to another run ({'; '.join(diff)}); use another --out_dir, "
                  f"or the same settings to resume it")
+    return ckpt["step"]
 
 
 def load_checkpoint(path: str, model: LeJEPA, optimizer, sigreg) -> int:
@@ -614,9 +707,18 @@ def main(cfg: Config):
         sys.exit(f"error: --batch_size {cfg.batch_size} is not divisible by the world size {world}")
     per_rank = cfg.batch_size // world
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # one run per out_dir: rank 0 holds its lock until it exits; every rank learns the holder's pid
+    holder = [lock_out_dir(cfg.out_dir) if master else 0]
+    if ddp:
+        dist.broadcast_object_list(holder, src=0)
+    if holder[0]:
+        sys.exit(f"error: {cfg.out_dir} is in use by another run (pid {holder[0]} holds {cfg.out_dir}/lock); "
+                 f"wait for it to end, stop it, or pass another --out_dir")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if os.path.exists(ckpt_path):
-        check_same_run(ckpt_path, cfg)  # before any heavy work: never resume (or overwrite) another run
+    saved_step = check_same_run(ckpt_path, cfg) if os.path.exists(ckpt_path) else 0  # never resume another run
+    if cfg.stop_after and saved_step >= cfg.stop_after:
+        print0(f"nothing to do: {ckpt_path} is at step {saved_step}, --stop_after {cfg.stop_after}")
+        return
     use_bf16 = cfg.bf16 and device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
@@ -629,7 +731,13 @@ def main(cfg: Config):
         image_col, label_col = find_columns(train_ds, cfg.image_column, cfg.label_column)
     except ValueError as err:
         sys.exit(f"error: {cfg.dataset}: {err}")
-    num_classes = (cfg.num_classes or count_classes(train_ds, label_col, cfg.dataset)) if label_col else 0
+    found = count_classes(train_ds, label_col, cfg.dataset) if label_col else 0
+    if cfg.num_classes and found > cfg.num_classes:
+        sys.exit(f"error: --num_classes {cfg.num_classes} is too few: the labels of {cfg.dataset} ({label_col!r}) "
+                 f"go up to {found - 1}; pass --num_classes {found} or leave it at 0 (auto)")
+    num_classes = cfg.num_classes or found
+    if label_col and not num_classes:
+        sys.exit(f"error: cannot count the classes of the streamed {cfg.dataset} (no ClassLabel); pass --num_classes")
     if cfg.streaming:
         train_ds = split_dataset_by_node(train_ds.shuffle(cfg.seed, buffer_size=cfg.shuffle_buffer), rank, world)
         n_train = (train_ds.info.splits or {}).get(cfg.train_split)
@@ -654,6 +762,9 @@ def main(cfg: Config):
     # too); a ViT only has its patch embedding to convert
     model = LeJEPA(backbone, cfg.proj_hidden, cfg.proj_dim, num_classes).to(device, memory_format=torch.channels_last)
     sigreg = SIGReg(num_slices=cfg.num_slices, seed=cfg.seed).to(device)
+    # from here on each rank draws its own randomness (stochastic depth, streamed augmentations); the
+    # weights above are the same on every rank, and SIGReg's slices have their own shared generator
+    seed_rank(cfg.seed, rank)
     weight_decay = cfg.weight_decay if cfg.weight_decay >= 0 else default_weight_decay(backbone)
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay, cfg.probe_weight_decay), lr=cfg.lr,
                                   betas=(0.9, 0.999), fused=device.type == "cuda")
@@ -714,6 +825,8 @@ def main(cfg: Config):
             batches = train_batches(cfg, train_ds, views, epoch, offset if batches is None else 0,
                                     rank, world, per_rank, steps_per_epoch)
         xs, labels = next(batches)
+        if num_classes and labels.max() >= num_classes:  # streams: labels are only seen here (on the CPU: no sync)
+            raise ValueError(f"label {labels.max().item()} at step {step + 1} is beyond --num_classes {num_classes}")
         xs = [colour_augment(x.to(device, non_blocking=True), c.to(device, non_blocking=True))
               .contiguous(memory_format=torch.channels_last) for x, c in xs]  # V x (N, 3, H, W) float
         labels = labels.to(device, non_blocking=True)
@@ -750,7 +863,7 @@ def main(cfg: Config):
             bar.set_postfix(loss=f"{record['loss']:.4f}", inv=f"{record['invariance']:.4f}",
                             sigreg=f"{record['sigreg']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.0f}")
             log(record)
-        if stop or (cfg.stop_after and step + 1 == cfg.stop_after):
+        if stop or (cfg.stop_after and step + 1 >= cfg.stop_after):
             if master:
                 save_checkpoint(ckpt_path, model, optimizer, sigreg, step + 1, cfg)
             print0(f"stopped after step {step + 1}{' (SIGTERM)' if stop else ''}; checkpoint {ckpt_path}; "
@@ -782,4 +895,4 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    main(parse_config())
+    run(main, parse_config())

@@ -215,3 +215,84 @@ def test_out_dir_of_another_run_is_refused_and_untouched(tmp_path, change):
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error:") and "belongs to another run" in line and change[0] in line
     assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()} == before  # nothing written
+
+
+# ---------------------------------------------------------------- cluster failures: end at once, one run per out_dir
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_an_error_mid_training_ends_the_job_at_once(tmp_path, data, nproc):
+    """A checkpoint write that fails (as on a full disk: here ckpt.pt.tmp is a folder) at step 3, with a
+    DataLoader worker running: the job must end within seconds, non-zero, with the error, not hang."""
+    out = tmp_path / "out"
+    (out / "ckpt.pt.tmp").mkdir(parents=True)
+    script = [str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "50", "--out_dir", str(out),
+              *TINY, "--save_every", "3"]
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    cmd = [sys.executable, *(launcher if nproc > 1 else []), *script]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=180)
+    elapsed = time.time() - t0
+    assert r.returncode != 0
+    assert "Is a directory" in r.stdout + r.stderr, r.stderr[-3000:]
+    assert elapsed < 60, elapsed  # it used to hang forever, joining a DataLoader worker that ignores SIGTERM
+    assert max(rec["step"] for rec in read_metrics(out) if "loss" in rec) == 3  # it stopped where it failed
+
+
+def snapshot(folder: Path) -> dict:
+    return {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def test_second_launch_on_an_out_dir_in_use_is_refused_and_touches_nothing(tmp_path, data):
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "50",
+                              "--out_dir", str(out), *TINY], cwd=ROOT, env=env(tmp_path), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_steps(first, out, 12)  # past the first epoch: a checkpoint exists too
+        os.kill(first.pid, signal.SIGSTOP)  # frozen, so that its own writes do not change the folder; it keeps the lock
+        time.sleep(0.5)
+        before = snapshot(out)
+        assert "ckpt.pt" in before and "metrics.jsonl" in before
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "50", "--out_dir", str(out), *TINY]
+        r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0
+        refusals = [line for line in r.stderr.splitlines() if "is in use by another run" in line]
+        assert len(refusals) == 2, r.stderr[-3000:]  # both ranks end with the same one line
+        assert refusals[0].startswith("error:") and str(out) in refusals[0] and f"pid {first.pid}" in refusals[0]
+        assert "error on rank" not in r.stderr  # a clean refusal, not a crash (torchrun adds its own report)
+        assert snapshot(out) == before  # bytes and mtimes of every file
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the run and its DataLoader worker die at once, no handler runs
+        first.wait()
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    r = run_script(tmp_path, "--dataset", str(data), "--epochs", "50", "--out_dir", str(out), *TINY,
+                   "--stop_after", str(step + 1))  # the OS released the dead run's lock: accepted, and resumes
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"start step {step}" in r.stdout and f"stopped after step {step + 1}" in r.stdout
+
+
+def test_training_processes_exit_when_torchrun_is_killed(tmp_path, data):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "50", "--out_dir", str(out), *TINY]
+    with open(tmp_path / "log.txt", "w") as log:  # a file, not a pipe: nobody reads it while the ranks run on
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    wait_for_steps(p, out, 3)
+    ranks = [rank_pid(p.pid, 0), rank_pid(p.pid, 1)]
+    os.kill(p.pid, signal.SIGKILL)  # torchrun alone (the OOM killer, kill -9); its workers are not signalled
+    p.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() and
+                                         open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in ranks):
+        time.sleep(0.2)
+    alive = [pid for pid in ranks if Path(f"/proc/{pid}").exists() and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+    assert not alive, f"training processes {alive} outlived torchrun"
+    size = (out / "metrics.jsonl").stat().st_size
+    time.sleep(3)
+    assert (out / "metrics.jsonl").stat().st_size == size  # nobody writes there any more
+    assert "torchrun (pid" in (tmp_path / "log.txt").read_text()  # each rank said why it ended
+    take_lock = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import minimal_vit_inet as m; " \
+                f"sys.exit(1 if m.lock_out_dir({str(out)!r}) else 0)"
+    assert subprocess.run([sys.executable, "-c", take_lock]).returncode == 0  # and the lock is free

@@ -93,10 +93,18 @@ def test_lr_schedule_warmup_then_cosine_to_lr_over_1000():
 
 def test_bad_arguments_fail_fast_with_one_line():
     for argv, word in [(["--batch_size", "0"], "batch_size"), (["--lamb", "1.5"], "lamb"),
-                       (["--model", "vit_no_such_model"], "unknown timm model")]:
+                       (["--model", "vit_no_such_model"], "unknown timm model"),
+                       (["--global_size", "0"], "--global_size must be > 0"),
+                       (["--num_slices", "0"], "--num_slices must be > 0"),
+                       (["--workers", "-1"], "--workers must be >= 0"),
+                       (["--local_scale", "0.5", "0.2"], "crop scales"),
+                       (["--dataset", "/no/such/folder"], "no such folder"),
+                       (["--dataset", "./relative/missing"], "no such folder"),
+                       (["--epochs", "5"], "--warmup_epochs 10.0 is not shorter than --epochs 5")]:
         with pytest.raises(SystemExit) as e:
             mvi.parse_config(argv)
-        assert word in str(e.value) and "\n" not in str(e.value)
+        assert word in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
+    assert mvi.parse_config(["--dataset", "frgfm/imagenette"]).dataset == "frgfm/imagenette"  # a hub id is no path
     cfg = mvi.parse_config(["--global_scale", "0.4", "0.9", "--bf16", "false", "--lr", "1e-3"])
     assert cfg.global_scale == (0.4, 0.9) and cfg.bf16 is False and cfg.lr == 1e-3
 
@@ -157,6 +165,47 @@ def test_resume_continues_exactly(tmp_path, data, full_run):
     for s in ref:  # deterministic CPU run: the resumed losses equal the uninterrupted ones
         assert resumed[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6, abs=1e-7), s
         assert resumed[s]["sigreg"] == pytest.approx(ref[s]["sigreg"], rel=1e-6, abs=1e-7), s
+
+
+def test_stop_after_at_or_below_the_resumed_step_does_nothing(tmp_path, data, full_run):
+    out, _ = full_run  # holds a checkpoint at step 20
+    def files():  # all but the lock file, which holds the pid of the latest run to take it
+        return {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir() if f.name != "lock"}
+
+    before = files()
+    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", str(EPOCHS),
+           "--out_dir", str(out), *TINY, "--stop_after", "7"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "nothing to do" in r.stdout and "step 20" in r.stdout and "--stop_after 7" in r.stdout
+    assert files() == before
+
+
+def test_too_few_classes_is_refused_before_training(tmp_path, data):
+    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "1",
+           "--out_dir", str(tmp_path / "out"), *TINY, "--num_classes", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --num_classes 2 is too few") and "go up to 3" in line, r.stderr[-2000:]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_ranks_draw_their_own_stochastic_depth():
+    """main() seeds every rank alike for the initial weights, then each by (seed, rank): the ranks' drop-path
+    masks (and streamed augmentations) differ, and each rank's are reproducible."""
+    from timm.layers import DropPath
+    drop, x = DropPath(0.5).train(), torch.ones(64, 1, 1)
+
+    def masks(rank):
+        mvi.seed_rank(0, rank)
+        return drop(x).flatten()
+
+    assert not torch.equal(masks(0), masks(1))
+    assert torch.equal(masks(1), masks(1))
+    rank0_seed0 = masks(0)
+    mvi.seed_rank(1, 0)  # another --seed: other masks
+    assert not torch.equal(drop(x).flatten(), rank0_seed0)
 
 
 def test_exported_backbone_loads_in_timm_with_training_features(full_run):
