@@ -248,8 +248,9 @@ def gather_rows(t: torch.Tensor, rank: int, world: int, interleaved: bool):
     return out
 
 
-def features(cfg, model, mean, std, ident, name, role, device, rank, world):
-    """Cached (features (N, F), labels (N,)) of one split on rank 0, None on the others; extracts on a cache miss."""
+def features(cfg, model, mean, std, ident, name, role, device, rank, world) -> str:
+    """Path of the cached features and labels of one split; extracts them first on a cache miss (every rank
+    its share, gathered and saved by rank 0). Every rank waits in its collectives only for work shared by all."""
     split = role if name in TRANSFER else (cfg.train_split if role == "train" else cfg.val_split)
     key = json.dumps([ident, os.path.abspath(name) if os.path.isdir(name) else name, cfg.dataset_config,
                       cfg.dataset_revision, cfg.dataset_data_dir, split,
@@ -260,17 +261,12 @@ def features(cfg, model, mean, std, ident, name, role, device, rank, world):
     if world > 1:
         dist.broadcast_object_list(exists, src=0)  # rank 0's file decides: every rank must take the same branch
     if exists[0]:
-        if rank == 0:
-            cache = torch.load(path, weights_only=True)
-            print0(f"{name} {role}: {tuple(cache['features'].shape)} features from the cache {path}")
-            return cache["features"], cache["labels"]
-        return None
+        print0(f"{name} {role}: features from the cache {path}")
+        return path
 
-    if world > 1 and rank != 0:
-        dist.barrier()  # rank 0 downloads and prepares the dataset cache first: no concurrent writes
+    # every rank loads the split: datasets' file locks let one process per node download and prepare it while
+    # the others wait on the lock, not in a collective (rank 0 preparing ImageNet alone would time them out)
     ds, image_col, label_col = load_labelled(cfg, name, role)
-    if world > 1 and rank == 0:
-        dist.barrier()
     loader = mvi.eval_loader(cfg, ds, image_col, label_col, rank, world, cfg.batch_size)  # this rank's share
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -294,7 +290,7 @@ def features(cfg, model, mean, std, ident, name, role, device, rank, world):
         f = f if len(f) else torch.zeros(0, int(width), device=device)
         f, y = (gather_rows(t, rank, world, isinstance(ds, datasets.Dataset)) for t in (f, y))
     if rank != 0:
-        return None
+        return path
     f, y = f.cpu(), y.cpu().long()
     # fp16 halves the cache (ImageNet, ViT-L: 1.28M x 2048 -> 5.2 GB); keep fp32 if a value would overflow
     f = f.half() if f.abs().max() < 6e4 else f
@@ -302,7 +298,12 @@ def features(cfg, model, mean, std, ident, name, role, device, rank, world):
     torch.save(dict(features=f, labels=y, key=key), path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: an interrupted run never leaves a half cache
     print0(f"{name} {role}: extracted {tuple(f.shape)} features in {time.perf_counter() - t0:.0f} s -> {path}")
-    return f, y
+    return path
+
+
+def load_features(path: str):
+    cache = torch.load(path, weights_only=True)
+    return cache["features"], cache["labels"]
 
 
 # -----------------------------------------------------------------------------
@@ -411,35 +412,43 @@ def main(cfg: Config):
     print0(f"derived: backbone {ident} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | "
            f"{size} px | datasets {names} | shots {shots} ({cfg.draws} draws for k-shot)")
 
-    results, timings = {}, {}
+    # 1. every rank: extract (or find cached) the features of every split; the collectives are all in here
+    paths, timings = {}, {}
     for name in names:
         t0 = time.perf_counter()
-        train = features(cfg, model, mean, std, ident, name, "train", device, rank, world)
-        val = features(cfg, model, mean, std, ident, name, "val", device, rank, world)
-        t1 = time.perf_counter()
-        if rank == 0:  # the heads are small: one process trains them on the gathered features
-            results[name] = evaluate(cfg, train, val, shots, device)
-            timings[name] = dict(features_s=round(t1 - t0, 1), heads_s=round(time.perf_counter() - t1, 1))
-            for s, r in results[name].items():
-                print0(f"{name} | {s} shot(s) | linear {r['linear']:.2f} ± {r['linear_std']:.2f} | "
-                       f"k-NN {r['knn']:.2f} ± {r['knn_std']:.2f} | train {r['draws'][0]['n_train']} val {len(val[1])} | "
-                       f"features {timings[name]['features_s']} s, heads {timings[name]['heads_s']} s")
-
-    if rank == 0:
-        tables = {m: format_table(results, m) for m in ("linear", "knn")}
-        text = f"Linear probe top-1 (%), {ident}\n\n{tables['linear']}\n\nk-NN top-1 (%, k={cfg.knn_k}, T={cfg.knn_temperature})\n\n{tables['knn']}\n"
-        print0("\n" + text)
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "table.md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
-            json.dump(dict(config=dataclasses.asdict(cfg), backbone=ident, feature_dim=int(train[0].shape[1]),
-                           results=results, timings=timings, tables=tables), f, indent=1)
-        print0(f"wrote {os.path.join(cfg.out_dir, 'results.json')} and table.md")
+        paths[name] = [features(cfg, model, mean, std, ident, name, role, device, rank, world)
+                       for role in ("train", "val")]
+        timings[name] = dict(features_s=round(time.perf_counter() - t0, 1))
     if ddp:
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # no collective after this: ranks 1.. end while rank 0 trains the heads
+    if rank != 0:
+        return None
+
+    # 2. rank 0: the heads are small, one process trains them on the cached features
+    results = {}
+    for name in names:
+        t1 = time.perf_counter()
+        train, val = (load_features(p) for p in paths[name])
+        results[name] = evaluate(cfg, train, val, shots, device)
+        timings[name]["heads_s"] = round(time.perf_counter() - t1, 1)
+        for s, r in results[name].items():
+            print0(f"{name} | {s} shot(s) | linear {r['linear']:.2f} ± {r['linear_std']:.2f} | "
+                   f"k-NN {r['knn']:.2f} ± {r['knn_std']:.2f} | train {r['draws'][0]['n_train']} val {len(val[1])} | "
+                   f"features {timings[name]['features_s']} s, heads {timings[name]['heads_s']} s")
+
+    tables = {m: format_table(results, m) for m in ("linear", "knn")}
+    knn_title = f"k-NN top-1 (%, k={cfg.knn_k}, T={cfg.knn_temperature})"
+    text = f"Linear probe top-1 (%), {ident}\n\n{tables['linear']}\n\n{knn_title}\n\n{tables['knn']}\n"
+    print0("\n" + text)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "table.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+        json.dump(dict(config=dataclasses.asdict(cfg), backbone=ident, feature_dim=int(train[0].shape[1]),
+                       results=results, timings=timings, tables=tables), f, indent=1)
+    print0(f"wrote {os.path.join(cfg.out_dir, 'results.json')} and table.md")
     return results
 
 
 if __name__ == "__main__":
-    main(parse_config())
+    mvi.run(main, parse_config())

@@ -707,6 +707,8 @@ def main(cfg: Config):
         sys.exit(f"error: --batch_size {cfg.batch_size} is not divisible by the world size {world}")
     per_rank = cfg.batch_size // world
     signal.signal(signal.SIGTERM, _on_sigterm)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    saved_step = check_same_run(ckpt_path, cfg) if os.path.exists(ckpt_path) else 0  # never resume another run
     # one run per out_dir: rank 0 holds its lock until it exits; every rank learns the holder's pid
     holder = [lock_out_dir(cfg.out_dir) if master else 0]
     if ddp:
@@ -714,8 +716,6 @@ def main(cfg: Config):
     if holder[0]:
         sys.exit(f"error: {cfg.out_dir} is in use by another run (pid {holder[0]} holds {cfg.out_dir}/lock); "
                  f"wait for it to end, stop it, or pass another --out_dir")
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    saved_step = check_same_run(ckpt_path, cfg) if os.path.exists(ckpt_path) else 0  # never resume another run
     if cfg.stop_after and saved_step >= cfg.stop_after:
         print0(f"nothing to do: {ckpt_path} is at step {saved_step}, --stop_after {cfg.stop_after}")
         return

@@ -209,8 +209,9 @@ def test_out_dir_of_another_run_is_refused_and_untouched(tmp_path, change):
     mvi.save_checkpoint(str(out / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()), SIGReg(8), 5, cfg)
     (out / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 1.0}) + "\n")
     before = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()}
-    # the dataset does not exist: had the script gone on to load it, it would fail with another error
-    r = run_script(tmp_path, "--dataset", str(tmp_path / "does_not_matter"), "--out_dir", str(out), *TINY, *change)
+    # the dataset is an empty folder: had the script gone on to load it, it would fail with another error
+    (tmp_path / "empty").mkdir()
+    r = run_script(tmp_path, "--dataset", str(tmp_path / "empty"), "--out_dir", str(out), *TINY, *change)
     assert r.returncode != 0
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error:") and "belongs to another run" in line and change[0] in line

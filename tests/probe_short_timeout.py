@@ -1,0 +1,12 @@
+"""Run by test_linear_probe.py under torchrun: linear_probe.py whose collectives time out after 5 s, so that
+any rank left waiting in a collective while another works alone (preparing data, training heads) fails."""
+import datetime
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import linear_probe  # noqa: E402
+import minimal_vit_inet as mvi  # noqa: E402
+
+mvi.DIST_TIMEOUT = datetime.timedelta(seconds=5)
+mvi.run(linear_probe.main, linear_probe.parse_config(sys.argv[1:]))
