@@ -2,7 +2,7 @@
 seed README's transfer table (1-shot, 10-shot, all-data probes on 8 datasets, with their average) in one command.
 
 Protocol (seed README, "Linear Probe Evaluation"; the same for every model, so backbones can be compared):
-  - backbone frozen: eval mode, no gradients, bf16 autocast on GPU; images resized and centre-cropped at the
+  - backbone frozen: eval mode, no gradients, bf16 autocast (GPU default); images resized and centre-cropped at the
     training resolution (minimal_vit_inet.eval_transform);
   - features: the CLS token of the last two blocks, after the final norm, concatenated (DINO); ViTs without a
     CLS token: the mean of the patch tokens; CNNs: the pooled feature;
@@ -70,7 +70,7 @@ class Config:
     streaming: bool = False  # stream hub data instead of downloading it (extraction reads every image once anyway)
     batch_size: int = 256  # images per extraction batch, per rank
     workers: int = 8  # DataLoader workers per rank (JPEG decoding and resizing)
-    bf16: bool = True  # bf16 autocast for extraction on GPU; CPU runs fp32
+    bf16: bool = torch.cuda.is_available()  # bf16 autocast for extraction; CPU: fp32 unless asked
     # heads, trained on the cached features
     shots: tuple = ("all",)  # training images per class: integers and/or "all"
     draws: int = 3  # k-shot draws with seeds seed..seed+draws-1; tables report the mean ± std over them
@@ -270,7 +270,7 @@ def features(cfg, model, mean, std, ident, name, role, device, rank, world) -> s
     loader = mvi.eval_loader(cfg, ds, image_col, label_col, rank, world, cfg.batch_size)  # this rank's share
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     feats, labels, t0 = [], [], time.perf_counter()
     with torch.no_grad(), autocast:
         for x, y in tqdm(loader, desc=f"{name} {role}", disable=True if rank else None):  # None: off in logs
@@ -407,7 +407,7 @@ def main(cfg: Config):
     cfg = dataclasses.replace(cfg, global_size=size)  # resolved: eval_loader reads cfg.global_size
     model.to(device)
     print0(f"torch {torch.__version__} | timm {timm.__version__} | datasets {datasets.__version__} | "
-           f"{world} process(es) on {device.type} | extraction {'bf16' if cfg.bf16 and device.type == 'cuda' else 'fp32'}")
+           f"{world} process(es) on {device.type} | extraction {'bf16' if cfg.bf16 else 'fp32'}")
     print0("config: " + json.dumps(dataclasses.asdict(cfg)))
     print0(f"derived: backbone {ident} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | "
            f"{size} px | datasets {names} | shots {shots} ({cfg.draws} draws for k-shot)")

@@ -100,7 +100,7 @@ class Config:
     final_lr_div: float = 1000.0  # cosine ends at lr / final_lr_div at the very last step
     probe_lr: float = 1e-3  # online probe (same schedule shape)
     probe_weight_decay: float = 1e-6
-    bf16: bool = True  # bf16 autocast on GPU (no GradScaler: that is for fp16); CPU runs fp32
+    bf16: bool = torch.cuda.is_available()  # bf16 autocast (no GradScaler: that is for fp16); CPU: fp32 unless asked
     seed: int = 0
     # logging and checkpoints
     out_dir: str = "out/lejepa"  # checkpoint, metrics.jsonl, exported backbone; resumes from here
@@ -230,10 +230,15 @@ def lock_out_dir(out_dir: str) -> int:
     return 0
 
 
+WORKER_GRACE_S = 60  # a DataLoader worker lives this long after a SIGTERM
+
+
 def _worker_init(worker_id):
-    """DataLoader workers: keep running through a SIGTERM sent to the whole process group, so the last step
-    completes; and drop the inherited lock file descriptor, so the lock is released when the main process dies."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader workers: keep serving batches for WORKER_GRACE_S after a SIGTERM sent to the whole process group,
+    so the main process reaches its checkpoint (then it stops them), but end then: a process exiting without
+    stopping them (an interpreter exit handler, which sends SIGTERM and waits) must not wait forever. And drop the
+    inherited lock file descriptor, so the lock is released when the main process dies."""
+    signal.signal(signal.SIGTERM, lambda *_: signal.alarm(WORKER_GRACE_S))  # SIGALRM's default action ends it
     if LOCK["fd"] is not None:
         os.close(LOCK["fd"])  # closes this process's reference only: the lock stays with the main process
 
@@ -374,8 +379,15 @@ class MultiCrop:
 GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 
 
+@functools.cache
+def channel_constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """(1, 3, 1, 1) constant, built once per device: torch.tensor(..., device=cuda) in a step would be a
+    blocking host-to-device copy, i.e. a host sync, every time."""
+    return torch.tensor(values, device=device).view(1, 3, 1, 1)
+
+
 def grayscale(x):  # (N, 3, H, W) -> (N, 1, H, W)
-    return (x * torch.tensor(GRAY, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return (x * channel_constant(GRAY, x.device)).sum(1, keepdim=True)
 
 
 def blend(x, y, f):  # f * x + (1 - f) * y, clamped: brightness (y = 0), contrast (y = mean gray), saturation (y = gray)
@@ -410,22 +422,33 @@ def gaussian_blur(x, sigma, size=23):
     return F.conv2d(x, k[:, None, :, None], groups=N * C).view(N, C, H, W)
 
 
-def colour_augment(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
-    """uint8 views (N, 3, H, W) and their colour draws (N, 11) from MultiCrop -> float, augmented, normalised.
-    Each op runs on the images whose draw asks for it (indexing, not torch.where over the whole batch: on the
-    CPU that computed every jitter op 4 times and made the stage 3.7x slower)."""
+def colour_plan(colour: torch.Tensor):
+    """Which images each colour op applies to, from the draws (N, 11), on the CPU (in a DataLoader worker):
+    (indices, sizes), the indices of 18 groups concatenated: jitter slot 0..3 x op 0..3, grayscale, blur.
+    Sent with the batch, it spares the training device the 18 nonzero() calls (host syncs) per view."""
+    groups = [colour[:, slot] == k for slot in range(4) for k in range(4)] + [colour[:, 8] > 0, colour[:, 9] > 0]
+    indices = [g.nonzero().squeeze(1) for g in groups]
+    return torch.cat(indices), [len(i) for i in indices]
+
+
+def colour_augment(x: torch.Tensor, colour: torch.Tensor, plan=None) -> torch.Tensor:
+    """uint8 views (N, 3, H, W), their colour draws (N, 11) from MultiCrop and their colour_plan() -> float,
+    augmented, normalised. Each op runs on the images whose draw asks for it (indexing, not torch.where over
+    the whole batch: on the CPU that computed every jitter op 4 times and made the stage 3.7x slower). With the
+    plan on the device (and sizes on the host) nothing here waits for the device."""
+    indices, sizes = plan if plan is not None else colour_plan(colour.cpu())
+    groups = indices.to(x.device, non_blocking=True).split(sizes)  # split by host ints: no sync
     x = x.float() / 255
     c = colour.view(-1, 11, 1, 1)  # each column broadcasts over (n, 1, H, W)
     ops = [lambda x, f: blend(x, 0.0, f), lambda x, f: blend(x, grayscale(x).mean((2, 3), keepdim=True), f),
            lambda x, f: blend(x, grayscale(x), f), adjust_hue]  # brightness, contrast, saturation, hue
     for slot in range(4):  # jitter: each image's 4 ops in its own random order (-1: jitter off)
         for k, op in enumerate(ops):
-            i = (colour[:, slot] == k).nonzero().squeeze(1)  # images whose op in this slot is k
+            i = groups[4 * slot + k]  # images whose op in this slot is k
             x[i] = op(x[i], c[i, 4 + k:5 + k])
-    i = (colour[:, 8] > 0).nonzero().squeeze(1)
-    x[i] = grayscale(x[i]).expand(-1, 3, -1, -1)
-    i = (colour[:, 9] > 0).nonzero().squeeze(1)
-    x[i] = gaussian_blur(x[i], colour[i, 9])
+    gray, blur = groups[16], groups[17]
+    x[gray] = grayscale(x[gray]).expand(-1, 3, -1, -1)
+    x[blur] = gaussian_blur(x[blur], colour[blur, 9])
     x = torch.where((c[:, 10:11] > 0) & (x >= 128 / 255), 1 - x, x)  # solarize, threshold 128 of 255
     return normalize(x, scale=1.0)
 
@@ -435,8 +458,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def normalize(x: torch.Tensor, scale: float = 255.0) -> torch.Tensor:
     """uint8 (B, 3, H, W) (or float in [0, 1] with scale=1) -> float normalised with the ImageNet mean/std."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = channel_constant(IMAGENET_MEAN, x.device), channel_constant(IMAGENET_STD, x.device)
     return (x.float() / scale - mean) / std
 
 
@@ -513,22 +535,37 @@ class StreamViews(torch.utils.data.IterableDataset):
             yield views, (row[self.label_col] if self.label_col else -1)
 
 
-def train_batches(cfg, ds, views, epoch, skip, rank, world, per_rank, steps_per_epoch):
+def collate_views(items, num_classes: int = 0):
+    """In the DataLoader worker: [(views, label)] * N -> ([(pixels (N, 3, H, W), colour (N, 11), colour_plan)] * V,
+    labels (N,)). Labels beyond the probe's classes are refused here (streams show their labels only now)."""
+    views, labels = zip(*items)
+    if num_classes and max(labels) >= num_classes:
+        raise ValueError(f"label {max(labels)} is beyond --num_classes {num_classes}")
+    batch = []
+    for view in zip(*views):  # the n-th view of every image
+        pixels, colour = torch.stack([p for p, _ in view]), torch.stack([c for _, c in view])
+        batch.append((pixels, colour, colour_plan(colour)))
+    return batch, torch.tensor(labels)
+
+
+def train_batches(cfg, ds, views, epoch, skip, rank, world, per_rank, steps_per_epoch, num_classes=0):
     """The (views, labels) batches of one epoch on this rank, after skipping `skip` (resume mid-epoch)."""
+    collate = functools.partial(collate_views, num_classes=num_classes)
     if isinstance(ds, datasets.Dataset):  # map-style: DistributedSampler order, skip without decoding
         sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
         sampler.set_epoch(epoch)  # a new permutation each epoch, the same on all ranks
         order = list(sampler)[skip * per_rank: steps_per_epoch * per_rank]
         loader = DataLoader(views, per_rank, sampler=[(epoch, i) for i in order], num_workers=cfg.workers,
-                            drop_last=True, pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init)
+                            drop_last=True, pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
+                            collate_fn=collate)
         yield from loader
         return
     ds.set_epoch(epoch)  # streaming: reshuffles shards and buffer, same seed on all ranks
     done = 0
     while True:  # a rank whose shards run dry restarts them: every rank must do the same number of steps
         before = done
-        for batch in DataLoader(views, per_rank, num_workers=cfg.workers, drop_last=True,
-                                worker_init_fn=_worker_init):
+        for batch in DataLoader(views, per_rank, num_workers=cfg.workers, drop_last=True, collate_fn=collate,
+                                pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init):
             if done >= skip:  # skipped batches are decoded (streams cannot seek)
                 yield batch
             done += 1
@@ -544,10 +581,11 @@ def eval_loader(cfg, ds, image_col, label_col, rank, world, per_rank):
     if isinstance(ds, datasets.Dataset):
         data = ViewsDataset(ds, image_col, label_col, transform, cfg.seed)
         sampler = [(0, i) for i in range(rank, len(ds), world)]
-        return DataLoader(data, per_rank, sampler=sampler, num_workers=cfg.workers, worker_init_fn=_worker_init)
+        return DataLoader(data, per_rank, sampler=sampler, num_workers=cfg.workers, worker_init_fn=_worker_init,
+                          pin_memory=torch.cuda.is_available())
     ds = split_dataset_by_node(ds, rank, world)
     return DataLoader(StreamViews(ds, image_col, label_col, transform), per_rank, num_workers=cfg.workers,
-                      worker_init_fn=_worker_init)
+                      worker_init_fn=_worker_init, pin_memory=torch.cuda.is_available())
 
 
 # -----------------------------------------------------------------------------
@@ -598,6 +636,7 @@ def lejepa_loss(proj: torch.Tensor, n_global: int, sigreg: nn.Module, lamb: floa
 
     invariance = mean over views v, images n and dims of (z_vn - c_n)^2, c_n = mean of the global views' z_n
     (every view, globals included, is pulled to the centre); SIGReg is computed per view then averaged."""
+    proj = proj.float()  # under bf16 autocast the projector's output is bf16: the loss is taken in fp32
     centers = proj[:n_global].mean(0)  # (N, P)
     invariance = (proj - centers).square().mean()
     sig = sigreg(proj)  # fp32 inside; all-reduced over ranks inside, so every rank must call it
@@ -643,7 +682,7 @@ def save_checkpoint(path: str, model: LeJEPA, optimizer, sigreg, step: int, cfg:
 
 
 # settings a resumed run may change; any other difference means out_dir holds another run's checkpoint
-RESUMABLE = {"workers", "log_every", "save_every", "stop_after", "compile", "out_dir"}
+RESUMABLE = {"workers", "log_every", "save_every", "stop_after", "compile", "out_dir", "bf16"}
 
 
 def check_same_run(path: str, cfg: Config) -> int:
@@ -685,14 +724,78 @@ def params_in_sync(model: nn.Module) -> bool:
 # -----------------------------------------------------------------------------
 # Training
 
+def build_training(cfg: Config, num_classes: int, device: torch.device):
+    """-> (LeJEPA model, SIGReg, AdamW, peak lr of each parameter group). Seed first: equal weights on every rank."""
+    backbone = build_backbone(cfg.model, cfg.global_size, cfg.drop_path)
+    # channels_last: convnets' convolutions run 1.3x faster on CPU (resnet18, 32 px; PyTorch recommends it on GPU
+    # too); a ViT only has its patch embedding to convert
+    model = LeJEPA(backbone, cfg.proj_hidden, cfg.proj_dim, num_classes).to(device, memory_format=torch.channels_last)
+    sigreg = SIGReg(num_slices=cfg.num_slices, seed=cfg.seed).to(device)
+    weight_decay = cfg.weight_decay if cfg.weight_decay >= 0 else default_weight_decay(backbone)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay, cfg.probe_weight_decay), lr=cfg.lr,
+                                  betas=(0.9, 0.999), fused=True)  # fused: one kernel, and no host sync (CPU too)
+    base_lrs = [cfg.probe_lr if g["name"] == "probe" else cfg.lr for g in optimizer.param_groups]
+    return model, sigreg, optimizer, base_lrs
+
+
+def train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device) -> torch.Tensor:
+    """One LeJEPA step: views -> embeddings -> loss -> AdamW. No host sync: the colour plan comes with the batch,
+    the copies are non-blocking (pinned memory on GPU), nothing is read back. Returns the loss terms
+    (loss, invariance, sigreg, probe_loss), on the device."""
+    views, labels = batch
+    xs = [colour_augment(x.to(device, non_blocking=True), c.to(device, non_blocking=True), plan)
+          .contiguous(memory_format=torch.channels_last) for x, c, plan in views]  # V x (N, 3, H, W) float
+    labels = labels.to(device, non_blocking=True)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    with autocast:
+        emb, proj, logits = model(xs, cfg.n_global)  # (V, N, D), (V, N, P), (V, N, C)
+        loss, inv, sig = lejepa_loss(proj, cfg.n_global, sigreg, cfg.lamb)
+        # the probe learns from every view; its input is detached, so it never shapes the backbone
+        probe_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(len(xs))) if logits is not None \
+            else torch.zeros((), device=device)
+    optimizer.zero_grad(set_to_none=True)
+    (loss + probe_loss).backward()
+    optimizer.step()
+    return torch.stack([loss, inv, sig, probe_loss]).detach()
+
+
+class Guard:
+    """Stops every rank alike on a non-finite loss or a SIGTERM. update() records the first non-finite step and its
+    loss terms on the device (no sync); check() reads them back, all-reduced over ranks: one host sync, made at
+    the log interval and before every checkpoint, so no checkpoint ever holds weights a non-finite loss touched."""
+
+    def __init__(self, device, note: str):
+        self.first_bad = torch.zeros(5, device=device)  # (step, loss, invariance, sigreg, probe_loss); step 0: none
+        self.note = note
+
+    def update(self, step: int, terms: torch.Tensor):
+        new = ~torch.isfinite(terms).all() & (self.first_bad[0] == 0)
+        self.first_bad = torch.where(new, torch.cat([terms.new_full((1,), step), terms.float()]), self.first_bad)
+
+    def check(self, ddp: bool, step: int) -> bool:
+        """True when a SIGTERM reached any rank; exits with one line when any rank saw a non-finite loss."""
+        flags = torch.stack([self.first_bad[0], self.first_bad.new_full((), float(STOP["requested"]))])
+        if ddp:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad_step, stop = flags.tolist()
+        if bad_step:
+            at, loss, inv, sig, probe = self.first_bad.tolist()
+            where = f"at step {int(at)}: loss {loss} invariance {inv} sigreg {sig} probe {probe}" if at else \
+                f"on another rank at step {int(bad_step)}"
+            sys.exit(f"error: non-finite loss {where}; stopped at step {step}, {self.note}")
+        return bool(stop)
+
+
 def evaluate_probe(cfg, model, loader, device, autocast) -> float:
     """Top-1 accuracy of the online probe on the validation split (all ranks' shares summed)."""
     model.eval()
     counts = torch.zeros(2, device=device)  # correct, total
     with torch.no_grad(), autocast:
         for x, y in loader:
-            x, y = normalize(x.to(device, non_blocking=True)), y.to(device)
-            counts += torch.stack([(model.probe(model.backbone(x)).argmax(-1) == y).sum(), torch.tensor(len(y), device=device)])
+            x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+            counts[0] += (model.probe(model.backbone(x)).argmax(-1) == y).sum()
+            counts[1] += len(y)  # no host sync until the end
     if dist.is_initialized():
         dist.all_reduce(counts)
     model.train()
@@ -719,8 +822,7 @@ def main(cfg: Config):
     if cfg.stop_after and saved_step >= cfg.stop_after:
         print0(f"nothing to do: {ckpt_path} is at step {saved_step}, --stop_after {cfg.stop_after}")
         return
-    use_bf16 = cfg.bf16 and device.type == "cuda"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
     # data: every rank loads; datasets' file locks let one process per node download and prepare the cache
     # while the others wait (a barrier here would time out during a multi-hour ImageNet download)
@@ -757,18 +859,10 @@ def main(cfg: Config):
     has_val = val_ds is not None and num_classes > 0 and label_col in (val_ds.features or {})
 
     # model, loss, optimiser
-    backbone = build_backbone(cfg.model, cfg.global_size, cfg.drop_path)
-    # channels_last: convnets' convolutions run 1.3x faster on CPU (resnet18, 32 px; PyTorch recommends it on GPU
-    # too); a ViT only has its patch embedding to convert
-    model = LeJEPA(backbone, cfg.proj_hidden, cfg.proj_dim, num_classes).to(device, memory_format=torch.channels_last)
-    sigreg = SIGReg(num_slices=cfg.num_slices, seed=cfg.seed).to(device)
+    model, sigreg, optimizer, base_lrs = build_training(cfg, num_classes, device)
     # from here on each rank draws its own randomness (stochastic depth, streamed augmentations); the
     # weights above are the same on every rank, and SIGReg's slices have their own shared generator
     seed_rank(cfg.seed, rank)
-    weight_decay = cfg.weight_decay if cfg.weight_decay >= 0 else default_weight_decay(backbone)
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay, cfg.probe_weight_decay), lr=cfg.lr,
-                                  betas=(0.9, 0.999), fused=device.type == "cuda")
-    base_lrs = [cfg.probe_lr if g["name"] == "probe" else cfg.lr for g in optimizer.param_groups]
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     start_step = load_checkpoint(ckpt_path, model, optimizer, sigreg) if os.path.exists(ckpt_path) else 0
@@ -778,12 +872,13 @@ def main(cfg: Config):
 
     V = cfg.n_global + cfg.n_local
     print0(f"torch {torch.__version__} | timm {timm.__version__} | datasets {datasets.__version__} | "
-           f"{world} process(es) on {device.type} | {'bf16' if use_bf16 else 'fp32'}")
+           f"{world} process(es) on {device.type} | {'bf16' if cfg.bf16 else 'fp32'}")
     print0("config: " + json.dumps(dataclasses.asdict(cfg)))
     print0(f"derived: global batch {cfg.batch_size} ({per_rank}/rank) | views/step {V * cfg.batch_size} "
            f"({cfg.n_global}x{cfg.global_size}px + {cfg.n_local}x{cfg.local_size}px per image) | "
-           f"steps/epoch {steps_per_epoch} | total steps {total_steps} | warm-up {warmup} | wd {weight_decay} | "
-           f"backbone {sum(p.numel() for p in backbone.parameters()) / 1e6:.1f}M params, D={backbone.num_features} | "
+           f"steps/epoch {steps_per_epoch} | total steps {total_steps} | warm-up {warmup} | "
+           f"wd {optimizer.param_groups[0]['weight_decay']} | backbone "
+           f"{sum(p.numel() for p in model.backbone.parameters()) / 1e6:.1f}M params, D={model.backbone.num_features} | "
            f"probe classes {num_classes} | val {'yes' if has_val else 'no'} | start step {start_step}")
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -803,8 +898,10 @@ def main(cfg: Config):
             metrics.flush()
 
     val_loader = eval_loader(cfg, val_ds, image_col, label_col, rank, world, per_rank) if has_val else None
+    guard = Guard(device, f"the last good checkpoint is {ckpt_path} (step {start_step})" if start_step else
+                  "no checkpoint written yet")
     bar = tqdm(total=total_steps, initial=start_step, disable=not master, dynamic_ncols=True)
-    batches, t0, last_log, saved_step = None, time.perf_counter(), start_step, start_step
+    batches, t0, last_log, stop = None, time.perf_counter(), start_step, False
     for step in range(start_step, total_steps + 1):
         last_step = step == total_steps
         epoch, offset = divmod(step, steps_per_epoch)
@@ -815,55 +912,34 @@ def main(cfg: Config):
             print0(f"epoch {epoch - 1 if offset == 0 else epoch} done | step {step} | probe top-1 {acc}")
             log(dict(step=step, epoch=epoch - (offset == 0), probe_acc=acc))
         if step > start_step and (offset == 0 or step % cfg.save_every == 0 or last_step):
+            guard.check(ddp, step)  # never checkpoint weights that a non-finite loss has touched
             if master:
                 save_checkpoint(ckpt_path, model, optimizer, sigreg, step, cfg)
-            saved_step = step
+            guard.note = f"the last good checkpoint is {ckpt_path} (step {step})"
         if last_step:
             break
 
         if batches is None or offset == 0:  # new epoch (or resume mid-epoch: skip what was done)
             batches = train_batches(cfg, train_ds, views, epoch, offset if batches is None else 0,
-                                    rank, world, per_rank, steps_per_epoch)
-        xs, labels = next(batches)
-        if num_classes and labels.max() >= num_classes:  # streams: labels are only seen here (on the CPU: no sync)
-            raise ValueError(f"label {labels.max().item()} at step {step + 1} is beyond --num_classes {num_classes}")
-        xs = [colour_augment(x.to(device, non_blocking=True), c.to(device, non_blocking=True))
-              .contiguous(memory_format=torch.channels_last) for x, c in xs]  # V x (N, 3, H, W) float
-        labels = labels.to(device, non_blocking=True)
-
-        for g, base in zip(optimizer.param_groups, base_lrs):
-            g["lr"] = lr_at(step, total_steps, warmup, base, cfg.final_lr_div)
-        with autocast:
-            emb, proj, logits = train_model(xs, cfg.n_global)  # (V, N, D), (V, N, P), (V, N, C)
-            loss, inv, sig = lejepa_loss(proj, cfg.n_global, sigreg, cfg.lamb)
-            # the probe learns from every view; its input is detached, so it never shapes the backbone
-            probe_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(V)) if logits is not None \
-                else torch.zeros((), device=device)
-        optimizer.zero_grad(set_to_none=True)
-        (loss + probe_loss).backward()
-
-        # guard, once per step (one host sync; small next to a ViT-L step): every rank must agree to stop
-        flags = torch.tensor([0.0, float(STOP["requested"])], device=device)  # (non-finite loss, SIGTERM)
-        flags[0] = (~torch.isfinite(loss.detach())).float()
-        if ddp:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, stop = flags.tolist()
-        if nonfinite:  # no optimiser step: the weights and the last checkpoint stay good
-            sys.exit(f"error: non-finite loss at step {step + 1}: loss {loss.item()} invariance {inv.item()} "
-                     f"sigreg {sig.item()}; stopped, the last good checkpoint is {ckpt_path} (step {saved_step})")
-        optimizer.step()
+                                    rank, world, per_rank, steps_per_epoch, num_classes)
+        lrs = [lr_at(step, total_steps, warmup, base, cfg.final_lr_div) for base in base_lrs]
+        terms = train_step(train_model, optimizer, sigreg, next(batches), lrs, cfg, autocast, device)
+        guard.update(step + 1, terms)  # device ops only: the check waits for the log interval
         bar.update(1)
 
-        if (step + 1) % cfg.log_every == 0 or step == start_step:
+        stopping = cfg.stop_after and step + 1 >= cfg.stop_after
+        if (step + 1) % cfg.log_every == 0 or step == start_step or stopping:
+            stop = guard.check(ddp, step + 1)  # the one host sync of a logging step; every rank decides alike
             elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
             images_per_s, last_log = cfg.batch_size * (step + 1 - last_log) / elapsed, step + 1
-            record = dict(step=step + 1, epoch=epoch, loss=loss.item(), invariance=inv.item(), sigreg=sig.item(),
-                          probe_loss=probe_loss.item(), lr=optimizer.param_groups[0]["lr"], images_per_s=images_per_s,
+            loss, inv, sig, probe_loss = terms.tolist()
+            record = dict(step=step + 1, epoch=epoch, loss=loss, invariance=inv, sigreg=sig, probe_loss=probe_loss,
+                          lr=lrs[0], images_per_s=images_per_s,
                           skipped_images=views.skipped.value)  # unreadable files so far (rank 0's share)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", inv=f"{record['invariance']:.4f}",
-                            sigreg=f"{record['sigreg']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", inv=f"{inv:.4f}", sigreg=f"{sig:.3f}", lr=f"{lrs[0]:.2e}",
+                            img_s=f"{images_per_s:.0f}")
             log(record)
-        if stop or (cfg.stop_after and step + 1 >= cfg.stop_after):
+        if stop or stopping:
             if master:
                 save_checkpoint(ckpt_path, model, optimizer, sigreg, step + 1, cfg)
             print0(f"stopped after step {step + 1}{' (SIGTERM)' if stop else ''}; checkpoint {ckpt_path}; "

@@ -112,7 +112,8 @@ class EppsPulley(nn.Module):
             M, N = self.num_points, x.shape[-2]
             t = torch.linspace(0, self.t_max, M, dtype=x.dtype, device=x.device)  # knots t_j
             trapezoid = torch.full_like(t, 2 * self.t_max / (M - 1))  # doubled: integrand is even
-            trapezoid[[0, -1]] /= 2
+            trapezoid[0] /= 2  # int indices: a Python list index would be copied to the device (a host sync)
+            trapezoid[-1] /= 2
             gauss = torch.exp(-t.square() / 2)  # characteristic function of N(0, 1) = the weight
             ecf = _ProjectedECF.apply(x, slices, self.t_max / (M - 1), M)  # (*, K, M, 2)
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -258,3 +258,54 @@ def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(tmp_path, data):
     assert "error: non-finite loss at step 2: loss nan" in r.stderr, r.stderr[-3000:]
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 1 and "(step 1)" in r.stderr
     assert not list(out.glob("*.tmp")) and not (out / "backbone.pth").exists()
+
+
+# ---------------------------------------------------------------- the GPU path, checked on the CPU
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_training_step_never_waits_on_the_host(tmp_path, data, monkeypatch, bf16):
+    """The real step (train_step, then the guard's update) on real batches from the real loader: no operation that
+    makes a GPU's host wait (read-backs, data-dependent shapes, tensors built from host data) in a step that does
+    not log. Under bf16 autocast too (the GPU's precision, run here on the CPU): the loss terms come back fp32."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import host_syncs
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--out_dir", str(tmp_path), "--bf16", str(bf16)])
+    ds = mvi.load_split(cfg.dataset, "train")
+    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), cfg.seed)
+    batches = mvi.train_batches(cfg, ds, views, 0, 0, 0, 1, 16, 10, num_classes=4)  # 1 worker draws the plans
+    device = torch.device("cpu")
+    model, sigreg, optimizer, lrs = mvi.build_training(cfg, 4, device)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    guard, counts = mvi.Guard(device, ""), []
+    for step in range(3):
+        batch = next(batches)
+        with host_syncs.count(device) as syncs:
+            terms = mvi.train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device)
+            guard.update(step + 1, terms)
+        counts.append(syncs)
+    batches.close()  # stops the DataLoader worker now
+    assert counts[1] == [] and counts[2] == [], counts  # the first call builds per-device constants
+    assert terms.dtype == torch.float32 and torch.isfinite(terms).all()
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast never changes the weights
+    with host_syncs.count(device) as syncs:  # the counter does see the logging step's read-back
+        assert guard.check(False, 3) is False and len(terms.tolist()) == 4
+    assert len(syncs) == 2, syncs
+
+
+def test_bf16_run_keeps_checkpoint_and_export_in_fp32(tmp_path, data):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "1",
+           "--out_dir", str(out), *TINY, "--workers", "0", "--bf16", "true", "--steps_per_epoch", "3"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| bf16" in r.stdout
+    records = read_metrics(out)
+    assert all(math.isfinite(rec["loss"]) for rec in records if "loss" in rec) and len(losses(records)) == 3
+    assert any(rec.get("probe_acc") is not None for rec in records)  # evaluated under bf16 too
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    tensors = [t for part in ("backbone", "projector", "probe") for t in ckpt[part].values() if t.is_floating_point()]
+    tensors += [t for state in ckpt["optimizer"]["state"].values() for t in state.values() if t.is_floating_point()]
+    assert tensors and all(t.dtype == torch.float32 for t in tensors)
+    exported = torch.load(out / "backbone.pth", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in exported.values() if t.is_floating_point())
