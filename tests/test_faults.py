@@ -236,7 +236,8 @@ def test_an_error_mid_training_ends_the_job_at_once(tmp_path, data, nproc):
     assert r.returncode != 0
     assert "Is a directory" in r.stdout + r.stderr, r.stderr[-3000:]
     assert elapsed < 60, elapsed  # it used to hang forever, joining a DataLoader worker that ignores SIGTERM
-    assert max(rec["step"] for rec in read_metrics(out) if "loss" in rec) == 3  # it stopped where it failed
+    # checkpoints are written in the background: the failure is raised at the next log step
+    assert max(rec["step"] for rec in read_metrics(out) if "loss" in rec) <= 5
 
 
 def snapshot(folder: Path) -> dict:

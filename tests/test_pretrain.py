@@ -277,7 +277,7 @@ def test_a_training_step_never_waits_on_the_host(tmp_path, data, monkeypatch, bf
     device = torch.device("cpu")
     model, sigreg, optimizer, lrs = mvi.build_training(cfg, 4, device)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-    guard, counts = mvi.Guard(device, ""), []
+    guard, counts = mvi.Guard(device, mvi.Checkpointer(str(tmp_path / "ckpt.pt"), 0, writer=False)), []
     for step in range(3):
         batch = next(batches)
         with host_syncs.count(device) as syncs:
