@@ -27,6 +27,7 @@ import dataclasses
 import datetime
 import fcntl
 import functools
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -73,7 +74,7 @@ class Config:
     label_column: str = ""  # "" = auto (ClassLabel feature, else label/cls/fine_label); labels only feed the probe
     num_classes: int = 0  # 0 = auto (ClassLabel, else max label + 1; 1000 for imagenet-1k when streaming)
     streaming: bool = False  # stream hub data (no full download); shards split across ranks
-    shuffle_buffer: int = 10_000  # streaming only: shuffle buffer size per rank
+    shuffle_buffer: int = 10_000  # streaming: images in the shuffle buffers of one rank, split over its workers
     steps_per_epoch: int = 0  # 0 = dataset size // global batch (streaming needs the size in the hub metadata)
     workers: int = 10  # DataLoader workers per rank: JPEG decoding + augmentation happen there
     # views (seed README table; paper ablation: V = 2 global + 6 local is the sweet spot)
@@ -550,7 +551,9 @@ def collate_views(items, num_classes: int = 0):
 
 
 def train_batches(cfg, ds, views, epoch, skip, rank, world, per_rank, steps_per_epoch, num_classes=0):
-    """The (views, labels) batches of one epoch on this rank, after skipping `skip` (resume mid-epoch)."""
+    """Map-style: the (views, labels) batches of one epoch on this rank, after skipping `skip` (resume mid-epoch).
+    Streaming: every batch from `epoch` on, passes over the stream back to back (epoch ends do not restart it,
+    so the shuffle buffers are filled once per pass, not once per epoch)."""
     collate = functools.partial(collate_views, num_classes=num_classes)
     if isinstance(ds, datasets.Dataset):  # map-style: DistributedSampler order, skip without decoding
         sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -561,19 +564,17 @@ def train_batches(cfg, ds, views, epoch, skip, rank, world, per_rank, steps_per_
                             collate_fn=collate)
         yield from loader
         return
-    ds.set_epoch(epoch)  # streaming: reshuffles shards and buffer, same seed on all ranks
-    done = 0
-    while True:  # a rank whose shards run dry restarts them: every rank must do the same number of steps
-        before = done
+    for stream_pass in itertools.count(epoch):  # a rank whose shards run dry starts the next pass at once
+        ds.set_epoch(stream_pass)  # reshuffles shards and buffers, the same on all ranks
+        got = 0
         for batch in DataLoader(views, per_rank, num_workers=cfg.workers, drop_last=True, collate_fn=collate,
                                 pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init):
-            if done >= skip:  # skipped batches are decoded (streams cannot seek)
+            got += 1
+            if got > skip:  # skipped batches are decoded (streams cannot seek)
                 yield batch
-            done += 1
-            if done == steps_per_epoch:
-                return
-        if done == before:
+        if got == 0:
             raise RuntimeError(f"rank {rank}: the stream gave no full batch of {per_rank} images")
+        skip = max(0, skip - got)
 
 
 def eval_loader(cfg, ds, image_col, label_col, rank, world, per_rank):
@@ -903,7 +904,10 @@ def main(cfg: Config):
     if label_col and not num_classes:
         sys.exit(f"error: cannot count the classes of the streamed {cfg.dataset} (no ClassLabel); pass --num_classes")
     if cfg.streaming:
-        train_ds = split_dataset_by_node(train_ds.shuffle(cfg.seed, buffer_size=cfg.shuffle_buffer), rank, world)
+        # each DataLoader worker holds a buffer of its own (undecoded images, ~110 kB each for ImageNet): split
+        # the rank's --shuffle_buffer over them, so that a node holds 8 x 10,000 images (~9 GB), not 8 x 10 x 10,000
+        buffer = max(1, cfg.shuffle_buffer // max(1, cfg.workers))
+        train_ds = split_dataset_by_node(train_ds.shuffle(cfg.seed, buffer_size=buffer), rank, world)
         n_train = (train_ds.info.splits or {}).get(cfg.train_split)
         n_train = n_train.num_examples if n_train else 0
     else:
@@ -979,7 +983,7 @@ def main(cfg: Config):
         if last_step:
             break
 
-        if batches is None or offset == 0:  # new epoch (or resume mid-epoch: skip what was done)
+        if batches is None or (offset == 0 and not cfg.streaming):  # new epoch, or resume mid-epoch
             batches = train_batches(cfg, train_ds, views, epoch, offset if batches is None else 0,
                                     rank, world, per_rank, steps_per_epoch, num_classes)
         lrs = [lr_at(step, total_steps, warmup, base, cfg.final_lr_div) for base in base_lrs]

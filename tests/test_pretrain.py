@@ -309,3 +309,34 @@ def test_bf16_run_keeps_checkpoint_and_export_in_fp32(tmp_path, data):
     assert tensors and all(t.dtype == torch.float32 for t in tensors)
     exported = torch.load(out / "backbone.pth", weights_only=True)
     assert all(t.dtype == torch.float32 for t in exported.values() if t.is_floating_point())
+
+
+def test_streaming_runs_across_epochs_and_ranks_draw_their_own_views(tmp_path, data, monkeypatch):
+    """A stream is restarted once per pass over the data, not at each epoch end (a restart refills every worker's
+    shuffle buffer); and each rank's DataLoader workers draw their own augmentations (seeded by (seed, rank))."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--streaming", "true", "--workers", "0"])
+    stream = mvi.load_split(str(data), "train", streaming=True).shuffle(0, buffer_size=8)
+    views = mvi.StreamViews(stream, "image", "label", mvi.MultiCrop(32, 16, 2, 2))
+    passes = []
+    original = mvi.StreamViews.__iter__
+
+    def counted(self):
+        passes.append(1)
+        yield from original(self)
+
+    monkeypatch.setattr(mvi.StreamViews, "__iter__", counted)
+    batches = mvi.train_batches(cfg, stream, views, 0, 0, 0, 1, 16, 5)  # 160 images: 10 batches of 16 per pass
+    for _ in range(15):  # three epochs of 5 steps
+        next(batches)
+    assert len(passes) == 2  # the second pass began after 10 batches; epoch ends restarted nothing
+    monkeypatch.setattr(mvi.StreamViews, "__iter__", original)
+
+    def first_batch(rank):  # 1 worker: its seed comes from the rank's RNG when the loader starts
+        mvi.seed_rank(0, rank)
+        loader = torch.utils.data.DataLoader(views, 4, num_workers=1, collate_fn=mvi.collate_views)
+        (pixels, _, _), *_ = next(iter(loader))[0]
+        return pixels
+
+    rank0 = first_batch(0)
+    assert not torch.equal(rank0, first_batch(1)) and torch.equal(rank0, first_batch(0))
