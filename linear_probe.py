@@ -212,7 +212,11 @@ def load_labelled(cfg: Config, name: str, role: str):
     """(dataset, image column, label column) of the "train" or "val" role of a short name, folder or hub id."""
     if name in TRANSFER:
         hub_id, train, test, label, files = TRANSFER[name]
-        ds = datasets.load_dataset(hub_id, data_files=files, split=train if role == "train" else test)
+        split = train if role == "train" else test
+        try:
+            ds = datasets.load_dataset(hub_id, data_files=files, split=split)
+        except (ConnectionError, ValueError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as err:
+            sys.exit(f"error: {name} ({hub_id}): {mvi.hub_error(hub_id, '', split, err)}")
         return (ds, *mvi.find_columns(ds, cfg.image_column, label))
     split = cfg.train_split if role == "train" else cfg.val_split
     ds = mvi.load_split(name, split, cfg.dataset_config, cfg.streaming, missing_ok=True,

@@ -278,13 +278,33 @@ def load_split(dataset: str, split: str, config: str = "", streaming: bool = Fal
         else:
             ds = datasets.load_dataset(dataset, config or None, split=split, streaming=streaming,
                                        revision=revision or None, data_dir=data_dir or None)
-    except (ValueError, KeyError):  # unknown split name
-        if missing_ok:
+    except (ValueError, KeyError) as err:  # an unknown split or config
+        if missing_ok and "split" in str(err):
             return None
-        raise
+        sys.exit(f"error: {dataset}: {hub_error(dataset, config, split, err)}")
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as err:
+        sys.exit(f"error: {dataset}: {hub_error(dataset, config, split, err)}")
     if streaming and isinstance(ds, datasets.Dataset):
         ds = ds.to_iterable_dataset(num_shards=64)  # local data, streamed like the hub
     return ds
+
+
+def hub_error(dataset: str, config: str, split: str, err: Exception) -> str:
+    """One line saying what went wrong loading a dataset, and what to do (datasets' own messages, translated)."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "gated" in text:
+        return (f"gated on the hub: accept its terms at https://huggingface.co/datasets/{dataset} and log in "
+                f"(huggingface-cli login)")
+    if isinstance(err, ConnectionError):
+        return (f"cannot reach the Hugging Face hub ({text}); offline, use a local copy: --dataset FOLDER (images "
+                f"in FOLDER/train/<class>/, or a save_to_disk folder), or HF_HUB_OFFLINE=1 with a cached copy")
+    if "doesn't exist" in text or isinstance(err, FileNotFoundError):
+        return f"no such dataset on the hub, or no access to it ({text}); check the id (owner/name)"
+    if "BuilderConfig" in text:
+        return f"no config {config!r} ({text}); pass --dataset_config with one of those"
+    if "split" in text:
+        return f"no split {split!r} ({text})"
+    return text
 
 
 def find_columns(ds, image_column: str = "", label_column: str = ""):
@@ -621,12 +641,15 @@ class LeJEPA(nn.Module):
         self.probe = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, num_classes)) if num_classes else None
 
     def forward(self, views: list, n_global: int):
-        """views: V tensors (N, 3, H, W), globals first -> emb (V, N, D), proj (V, N, P), logits (V, N, C)|None."""
+        """views: V tensors (N, 3, H, W), globals first -> emb (V, N, D), proj (V, N, P), logits (G, N, C) | None
+        for the G global views: the probe is evaluated on full-size centre crops, so it learns from the global
+        views alone (trained on every view, 16 px local crops included, it lagged the frozen-feature probe)."""
         N = views[0].shape[0]
         groups = [views[:n_global], views[n_global:]]  # one backbone forward per resolution
         emb = torch.cat([self.backbone(torch.cat(g)) for g in groups if g])  # (V * N, D)
         proj = self.projector(emb).view(len(views), N, -1)  # (V, N, P)
-        logits = self.probe(emb.detach()).view(len(views), N, -1) if self.probe is not None else None
+        G = n_global * N
+        logits = self.probe(emb[:G].detach()).view(n_global, N, -1) if self.probe is not None else None
         return emb.view(len(views), N, -1), proj, logits
 
 
@@ -809,10 +832,10 @@ def train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device) -> t
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     with autocast:
-        emb, proj, logits = model(xs, cfg.n_global)  # (V, N, D), (V, N, P), (V, N, C)
+        emb, proj, logits = model(xs, cfg.n_global)  # (V, N, D), (V, N, P), (G, N, C)
         loss, inv, sig = lejepa_loss(proj, cfg.n_global, sigreg, cfg.lamb)
-        # the probe learns from every view; its input is detached, so it never shapes the backbone
-        probe_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(len(xs))) if logits is not None \
+        # the probe learns from the global views; its input is detached, so it never shapes the backbone
+        probe_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(cfg.n_global)) if logits is not None \
             else torch.zeros((), device=device)
     optimizer.zero_grad(set_to_none=True)
     (loss + probe_loss).backward()

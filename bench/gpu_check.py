@@ -583,6 +583,8 @@ def check_end_to_end(table: Table, device, sz: Sizes, model: str, root: str, wor
     workers = max(1, min(14, (os.cpu_count() or 2) - 2))  # the training process keeps a core or two
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
                HF_DATASETS_CACHE=os.path.join(work, "hf_cache"))
+    if device.type != "cuda":
+        env["OMP_NUM_THREADS"] = "1"  # as this process (main()): a busy 2-core CPU
 
     # calibration (GPU form): a short run measures images/s, the loader and an epoch's end included
     steps = sz.e2e_max_steps

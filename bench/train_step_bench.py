@@ -14,6 +14,7 @@ comparable in size to the backbone (vit_tiny: 5.5M vs 4.9M parameters); with ViT
 
     python bench/train_step_bench.py                       # vit_tiny at 224/96 px, 2 + 6 views, batch 8
     python bench/train_step_bench.py --model vit_small_patch16_224 --batch 32 --iters 10
+    python bench/train_step_bench.py --compile        # also: the LeJEPA step with the backbone compiled (inductor)
 """
 import argparse
 import os
@@ -55,6 +56,7 @@ def main():
     p.add_argument("--num_classes", type=int, default=1000)
     p.add_argument("--iters", type=int, default=8, help="timed (backbone, LeJEPA) step pairs")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="then time the step with model.backbone.compile()")
     args = p.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,6 +134,16 @@ def main():
     print(f"ratio {paired:.3f} (median of {args.iters} paired steps) -> LeJEPA overhead {100 * (paired - 1):+.1f}% "
           f"(target <= 5%)")
     print(f"sum of the parts: {100 * sum(parts.values()) / b:+.1f}% of the median backbone step (timed apart from it)")
+
+    if args.compile:  # as the script's --compile: the backbone in place, inductor (the default backend)
+        model.backbone.compile()
+        t0 = time.perf_counter()
+        for _ in range(2):
+            lejepa_step()
+        compile_s = time.perf_counter() - t0
+        compiled = timed(lejepa_step, args.iters, 0)
+        print(f"compiled LeJEPA step   : {compiled * 1e3:8.1f} ms/step -> {f / compiled:.2f}x the eager step "
+              f"(compilation and the first two steps: {compile_s:.0f} s)")
 
     # host syncs of the real step: a batch as collate_views makes it in a worker, then mvi.train_step
     cfg = mvi.Config(n_global=args.n_global, n_local=args.n_local, num_slices=args.num_slices)

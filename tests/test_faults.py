@@ -298,3 +298,38 @@ def test_training_processes_exit_when_torchrun_is_killed(tmp_path, data):
     take_lock = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import minimal_vit_inet as m; " \
                 f"sys.exit(1 if m.lock_out_dir({str(out)!r}) else 0)"
     assert subprocess.run([sys.executable, "-c", take_lock]).returncode == 0  # and the lock is free
+
+
+# ---------------------------------------------------------------- hub failures: one line, every rank ends
+
+def test_unreachable_hub_ends_every_rank_with_one_line(tmp_path):
+    """Offline (HF_HUB_OFFLINE=1, as on a machine without hub access) with an id that is not cached: each script,
+    and each rank under torchrun, ends with the same one line, before any model is built."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(ROOT / "minimal_vit_inet.py"), "--dataset", "nobody/no-such-dataset", "--out_dir", str(tmp_path / "o")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error: nobody/no-such-dataset:")]
+    assert len(lines) == 2 and "cannot reach the Hugging Face hub" in lines[0] and "--dataset FOLDER" in lines[0]
+    assert "error on rank" not in r.stderr  # no traceback of ours: a clean, explained exit
+    probe = [sys.executable, str(ROOT / "linear_probe.py"), "--model", "pixels", "--dataset", "pets",
+             "--out_dir", str(tmp_path / "p")]
+    r = subprocess.run(probe, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and last.startswith("error: pets (timm/oxford-iiit-pet): cannot reach"), r.stderr[-2000:]
+
+
+def test_hub_messages_say_what_to_do():
+    """datasets' own messages (load.py, builder.py, arrow_reader.py), translated into what to do."""
+    import datasets
+    gated = datasets.exceptions.DatasetNotFoundError(
+        "Dataset 'timm/imagenet-1k-wds' is a gated dataset on the Hub. You must be authenticated to access it.")
+    missing = datasets.exceptions.DatasetNotFoundError("Dataset 'a/b' doesn't exist on the Hub or cannot be accessed.")
+    config = ValueError("BuilderConfig 'x' not found. Available: ['plain_text']")
+    split = ValueError('Unknown split "val". Should be one of [\'train\', \'test\'].')
+    assert "huggingface-cli login" in mvi.hub_error("timm/imagenet-1k-wds", "", "train", gated)
+    assert "https://huggingface.co/datasets/timm/imagenet-1k-wds" in mvi.hub_error("timm/imagenet-1k-wds", "", "", gated)
+    assert "check the id" in mvi.hub_error("a/b", "", "train", missing)
+    assert "--dataset_config" in mvi.hub_error("a/b", "x", "train", config) and "plain_text" in \
+        mvi.hub_error("a/b", "x", "train", config)
+    assert "no split 'val'" in mvi.hub_error("a/b", "", "val", split) and "'test'" in mvi.hub_error("a/b", "", "val", split)

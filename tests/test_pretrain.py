@@ -340,3 +340,36 @@ def test_streaming_runs_across_epochs_and_ranks_draw_their_own_views(tmp_path, d
 
     rank0 = first_batch(0)
     assert not torch.equal(rank0, first_batch(1)) and torch.equal(rank0, first_batch(0))
+
+
+def test_compiled_backbone_does_not_recompile_after_the_first_epoch(tmp_path, data, monkeypatch):
+    """--compile: the global-size and local-size training calls and the evaluation (another mode, a smaller last
+    batch) compile once each during the first epoch, then never again. Counted with a backend that records each
+    graph it is handed (dynamo decides recompiles, whatever the backend: inductor would take minutes here)."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--workers", "0", "--compile", "true"])
+    ds, val = mvi.load_split(cfg.dataset, "train"), mvi.load_split(cfg.dataset, "validation")
+    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), cfg.seed)
+    val_loader = mvi.eval_loader(cfg, val, "image", "label", 0, 1, 12)  # 40 images: batches of 12, 12, 12, 4
+    device = torch.device("cpu")
+    model, sigreg, optimizer, lrs = mvi.build_training(cfg, 4, device)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append([tuple(x.shape) for x in example_inputs if torch.is_tensor(x)])
+        return gm.forward
+
+    torch._dynamo.reset()
+    model.backbone.compile(backend=recording_backend)
+    autocast = torch.autocast("cpu", enabled=False)
+    per_epoch = []
+    for epoch in range(3):
+        before = len(graphs)
+        batches = mvi.train_batches(cfg, ds, views, epoch, 0, 0, 1, 16, 3)
+        for batch in batches:
+            mvi.train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device)
+        assert 0 <= mvi.evaluate_probe(cfg, model, val_loader, device, autocast) <= 1
+        per_epoch.append(len(graphs) - before)
+    torch._dynamo.reset()
+    assert per_epoch[0] >= 2 and per_epoch[1:] == [0, 0], (per_epoch, graphs)
+    assert len(graphs) < torch._dynamo.config.recompile_limit  # never falls back to eager
