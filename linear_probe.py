@@ -116,11 +116,14 @@ def parse_config(argv=None) -> Config:
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
     dataset_names(cfg.dataset)  # fail fast, before loading any model or data, with one clear line
     shot_values(cfg.shots)
-    if cfg.model and cfg.model != "pixels" and not timm.is_model(cfg.model):
+    if cfg.model and cfg.model != "pixels" and not timm.is_model(cfg.model) and not cfg.model.startswith(HUB):
         sys.exit(f"error: unknown timm model {cfg.model!r}; see timm.list_models('*vit*')")
     if not (cfg.checkpoint or cfg.model):
         sys.exit("error: pass --checkpoint (a minimal_vit_inet.py run) and/or --model (a timm name)")
     return cfg
+
+
+HUB = ("hf-hub:", "local-dir:")  # timm's names for weights in the Hugging Face format (minimal_vit_inet's export)
 
 
 def dataset_names(names) -> list:
@@ -161,7 +164,18 @@ class Pixels(nn.Module):
 def build_model(cfg: Config):
     """-> (frozen model in eval mode, evaluation size, mean, std, identity string for the feature cache)."""
     mean, std = mvi.IMAGENET_MEAN, mvi.IMAGENET_STD  # what minimal_vit_inet.normalize trains with
-    if cfg.checkpoint:
+    name = cfg.model
+    if cfg.checkpoint and os.path.isdir(cfg.checkpoint):  # an export folder of minimal_vit_inet.py
+        name = "local-dir:" + os.path.abspath(cfg.checkpoint)
+    if name.startswith(HUB) or (cfg.pretrained and not cfg.checkpoint):
+        # weights with their pretrained config: evaluated at its resolution and normalisation unless told otherwise
+        model = timm.create_model(name, pretrained=True, num_classes=0)
+        pcfg = model.pretrained_cfg
+        mean, std, size = pcfg.get("mean", mean), pcfg.get("std", std), cfg.global_size or pcfg["input_size"][-1]
+        files = [os.path.join(name[len("local-dir:"):], f) for f in ("config.json", "model.safetensors")]
+        stamp = [os.stat(f).st_mtime_ns for f in files if os.path.exists(f)]  # a new export: new features
+        ident = f"timm:{name}:pretrained{stamp if name.startswith('local-dir:') else ''}"
+    elif cfg.checkpoint:
         if not os.path.isfile(cfg.checkpoint):
             sys.exit(f"error: checkpoint {cfg.checkpoint} not found")
         obj = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)  # holds the run's config dict
@@ -184,10 +198,6 @@ def build_model(cfg: Config):
         ident, size = f"{os.path.abspath(cfg.checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}:{name}", cfg.global_size or train_size
     elif cfg.model == "pixels":
         model, ident, size = Pixels(), "pixels", cfg.global_size or 224
-    elif cfg.pretrained:  # timm's weights, evaluated at their resolution and normalisation unless told otherwise
-        model = timm.create_model(cfg.model, pretrained=True, num_classes=0)
-        mean, std = model.pretrained_cfg.get("mean", mean), model.pretrained_cfg.get("std", std)
-        ident, size = f"timm:{cfg.model}:pretrained", cfg.global_size or model.pretrained_cfg["input_size"][-1]
     else:  # random init, seeded: as minimal_vit_inet.py builds it before training
         torch.manual_seed(cfg.seed)
         size = cfg.global_size or 224

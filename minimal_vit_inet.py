@@ -109,6 +109,7 @@ class Config:
     log_every: int = 10  # steps between metric lines (the only host syncs besides the guard below)
     save_every: int = 1000  # steps between checkpoints (also at every epoch end)
     stop_after: int = 0  # > 0: checkpoint and exit after this many steps, schedule unchanged (time-limited jobs)
+    export: str = ""  # a ckpt.pt: write its export/ folder (timm's Hugging Face format) beside it and exit
 
 
 def looks_local(dataset: str) -> bool:
@@ -765,7 +766,7 @@ class Checkpointer:
 
 
 # settings a resumed run may change; any other difference means out_dir holds another run's checkpoint
-RESUMABLE = {"workers", "log_every", "save_every", "stop_after", "compile", "out_dir", "bf16"}
+RESUMABLE = {"workers", "log_every", "save_every", "stop_after", "compile", "out_dir", "bf16", "export"}
 
 
 def check_same_run(path: str, cfg: Config) -> int:
@@ -888,7 +889,52 @@ def evaluate_probe(cfg, model, loader, device, autocast) -> float:
     return (counts[0] / counts[1].clamp(min=1)).item()
 
 
+def export_for_hub(backbone: nn.Module, cfg: dict, step: int, folder: str, probe_acc=None):
+    """Write `folder` in timm's Hugging Face format with timm's own helper: config.json (architecture, model args,
+    and the pretrained config: input size, bicubic resize + 0.875 centre crop and the mean/std of training) and
+    model.safetensors, plus a model card. timm.create_model("local-dir:FOLDER", pretrained=True) loads it;
+    `huggingface-cli upload USER/REPO FOLDER` publishes it for timm.create_model("hf-hub:USER/REPO", pretrained=True)."""
+    size = cfg["global_size"]
+    backbone.pretrained_cfg = dict(backbone.pretrained_cfg, tag="lejepa", input_size=(3, size, size), num_classes=0,
+                                   interpolation="bicubic", crop_pct=0.875, crop_mode="center",
+                                   mean=IMAGENET_MEAN, std=IMAGENET_STD)  # as eval_transform and normalize
+    args = dict(num_classes=0)
+    if getattr(backbone, "dynamic_img_size", False):  # ViTs: one model for every view size
+        args.update(img_size=size, dynamic_img_size=True)
+    os.makedirs(folder, exist_ok=True)
+    backbone.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
+    timm.models.save_for_hf(backbone, folder, model_args=args, safe_serialization=True)
+    acc = f"{100 * probe_acc:.2f}% (online linear probe, {cfg['val_split']} split)" if probe_acc is not None else \
+        "not measured (run linear_probe.py)"
+    card = [f"# LeJEPA {cfg['model']}", "",
+            "Self-supervised backbone pretrained with LeJEPA (Balestriero & LeCun, arXiv 2511.08544): invariance",
+            "+ SIGReg, no teacher, no stop-gradient. Weights only: no classifier head (num_classes=0).", "",
+            f"- data: {cfg['dataset']} ({cfg['train_split']} split)",
+            f"- recipe: {step} steps, {cfg['epochs']} epochs, global batch {cfg['batch_size']}, lr {cfg['lr']}, "
+            f"lambda {cfg['lamb']}, {cfg['n_global']} x {cfg['global_size']} px + {cfg['n_local']} x {cfg['local_size']} px "
+            f"views, {cfg['num_slices']} slices, projector {cfg['proj_hidden']}-{cfg['proj_dim']}",
+            f"- top-1: {acc}", "",
+            "```python", "import timm",
+            f'model = timm.create_model("local-dir:{folder}", pretrained=True)  # or "hf-hub:USER/REPO"',
+            "cfg = timm.data.resolve_data_config({}, model=model)  # the resize, crop and normalisation of training",
+            "```", ""]
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write("\n".join(card))
+    print0(f"exported {folder}: timm.create_model('local-dir:{folder}', pretrained=True); publish with "
+           f"`huggingface-cli upload USER/REPO {folder}`")
+
+
+def export_checkpoint(path: str):
+    """--export: the export folder of any ckpt.pt, written beside it."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file (holds the config dict)
+    backbone = build_backbone(ckpt["config"]["model"], ckpt["config"]["global_size"])
+    backbone.load_state_dict(ckpt["backbone"])
+    export_for_hub(backbone, ckpt["config"], ckpt["step"], os.path.join(os.path.dirname(path), "export"))
+
+
 def main(cfg: Config):
+    if cfg.export:
+        return export_checkpoint(cfg.export)
     ddp, rank, world, device = setup_distributed()
     master = rank == 0
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -990,14 +1036,14 @@ def main(cfg: Config):
     checkpointer = Checkpointer(ckpt_path, start_step, writer=master)
     guard = Guard(device, checkpointer)
     bar = tqdm(total=total_steps, initial=start_step, disable=not master, dynamic_ncols=True)
-    batches, t0, last_log, stop = None, time.perf_counter(), start_step, False
+    batches, t0, last_log, stop, last_acc = None, time.perf_counter(), start_step, False, None
     for step in range(start_step, total_steps + 1):
         last_step = step == total_steps
         epoch, offset = divmod(step, steps_per_epoch)
 
         # epoch end (and periodic) bookkeeping happens before the step it precedes: eval, checkpoint
         if step > start_step and (offset == 0 or last_step):
-            acc = evaluate_probe(cfg, model, val_loader, device, autocast) if has_val else None
+            acc = last_acc = evaluate_probe(cfg, model, val_loader, device, autocast) if has_val else None
             print0(f"epoch {epoch - 1 if offset == 0 else epoch} done | step {step} | probe top-1 {acc}")
             log(dict(step=step, epoch=epoch - (offset == 0), probe_acc=acc))
         if step > start_step and (offset == 0 or step % cfg.save_every == 0 or last_step):
@@ -1048,11 +1094,8 @@ def main(cfg: Config):
     if not in_sync:
         raise RuntimeError("ranks hold different parameters")
     if last_step and master:
-        export = os.path.join(cfg.out_dir, "backbone.pth")
-        torch.save(model.backbone.state_dict(), export + ".tmp")
-        os.replace(export + ".tmp", export)
-        print0(f"backbone exported: timm.create_model({cfg.model!r}, num_classes=0, img_size={cfg.global_size}, "
-               f"dynamic_img_size=True, checkpoint_path={export!r})  (convnets: drop img_size/dynamic_img_size)")
+        write_atomic(model.backbone.state_dict(), os.path.join(cfg.out_dir, "backbone.pth"))  # the bare state dict
+        export_for_hub(model.backbone, dataclasses.asdict(cfg), step, os.path.join(cfg.out_dir, "export"), last_acc)
     if master:
         metrics.close()
     if ddp:

@@ -130,6 +130,10 @@ def test_probe_pretraining_checkpoint_and_exported_backbone(tmp_path, data, run)
                "--dataset", data, "--out_dir", tmp_path / "b", "--shots", "all", *FAST)[str(data)]
     assert torch.allclose(cached(tmp_path / "b", "train")[0]["features"].float(), feats["features"].float())
     assert r2["all"]["linear"] == r["all"]["linear"]  # same weights, same features, same head
+    r3 = probe("--checkpoint", run / "export", "--dataset", data, "--out_dir", tmp_path / "c", "--shots", "all",
+               *FAST)[str(data)]  # the hub-format export folder (also: --model local-dir:... or hf-hub:...)
+    assert torch.allclose(cached(tmp_path / "c", "train")[0]["features"].float(), feats["features"].float())
+    assert r3["all"]["linear"] == r["all"]["linear"]
 
 
 def test_torchrun_splits_extraction_and_gathers_in_order(tmp_path, data):

@@ -219,6 +219,32 @@ def test_exported_backbone_loads_in_timm_with_training_features(full_run):
     with torch.no_grad():
         assert torch.equal(model(x), trained(x))
         assert model(x[:, :, :16, :16]).shape == (3, 192)  # local-view size works too (dynamic_img_size)
+    # timm's Hugging Face format, written with timm's helper: one line loads weights and their config
+    export = out / "export"
+    assert {"config.json", "model.safetensors", "README.md"} <= {f.name for f in export.iterdir()}
+    hub = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
+    data_cfg = timm.data.resolve_data_config({}, model=hub)
+    assert data_cfg["input_size"] == (3, 32, 32) and tuple(data_cfg["mean"]) == mvi.IMAGENET_MEAN
+    assert data_cfg["interpolation"] == "bicubic" and data_cfg["crop_pct"] == 0.875  # as eval_transform
+    with torch.no_grad():
+        assert torch.equal(hub(x), trained(x)) and hub(x[:, :, :16, :16]).shape == (3, 192)
+    card = (export / "README.md").read_text()
+    assert "vit_tiny_patch16_224" in card and "20 steps" in card and "top-1" in card
+
+
+def test_export_on_demand_from_a_checkpoint(tmp_path, full_run):
+    import shutil
+    import timm
+    out, _ = full_run
+    shutil.copy(out / "ckpt.pt", tmp_path / "ckpt.pt")
+    r = subprocess.run([sys.executable, str(ROOT / "minimal_vit_inet.py"), "--export", str(tmp_path / "ckpt.pt")],
+                       cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    b = timm.create_model(f"local-dir:{out / 'export'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
 
 
 def test_sigterm_writes_checkpoint_and_exits(tmp_path, data):
