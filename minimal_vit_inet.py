@@ -27,10 +27,12 @@ import dataclasses
 import datetime
 import fcntl
 import functools
+import importlib.util
 import itertools
 import json
 import math
 import multiprocessing as mp
+import secrets
 import os
 import signal
 import sys
@@ -110,6 +112,8 @@ class Config:
     save_every: int = 1000  # steps between checkpoints (also at every epoch end)
     stop_after: int = 0  # > 0: checkpoint and exit after this many steps, schedule unchanged (time-limited jobs)
     export: str = ""  # a ckpt.pt: write its export/ folder (timm's Hugging Face format) beside it and exit
+    tensorboard: bool = False  # also log to TensorBoard, in out_dir/tensorboard (pip install tensorboard)
+    wandb: str = ""  # also log to this Weights & Biases project; a resumed run continues its wandb run
 
 
 def looks_local(dataset: str) -> bool:
@@ -143,6 +147,8 @@ def parse_config(argv=None) -> Config:
         (cfg.warmup_epochs < cfg.epochs, f"--warmup_epochs {cfg.warmup_epochs} is not shorter than --epochs {cfg.epochs}: "
          f"the learning rate would never reach its peak; pass a shorter warm-up, e.g. --warmup_epochs {cfg.epochs / 10:g}"),
         (timm.is_model(cfg.model), f"unknown timm model {cfg.model!r}; see timm.list_models('*vit*')"),
+        (not cfg.tensorboard or importlib.util.find_spec("tensorboard"), "--tensorboard needs: pip install tensorboard"),
+        (not cfg.wandb or importlib.util.find_spec("wandb"), "--wandb needs: pip install wandb (and wandb login)"),
         (not looks_local(cfg.dataset) or os.path.isdir(cfg.dataset),
          f"--dataset {cfg.dataset}: no such folder (a local dataset is a folder; a hub id is owner/name)"),
     ]
@@ -766,7 +772,8 @@ class Checkpointer:
 
 
 # settings a resumed run may change; any other difference means out_dir holds another run's checkpoint
-RESUMABLE = {"workers", "log_every", "save_every", "stop_after", "compile", "out_dir", "bf16", "export"}
+RESUMABLE = {"workers", "log_every", "save_every", "stop_after", "compile", "out_dir", "bf16", "export",
+             "tensorboard", "wandb"}
 
 
 def check_same_run(path: str, cfg: Config) -> int:
@@ -887,6 +894,49 @@ def evaluate_probe(cfg, model, loader, device, autocast) -> float:
         dist.all_reduce(counts)
     model.train()
     return (counts[0] / counts[1].clamp(min=1)).item()
+
+
+class Logger:
+    """Rank 0's metrics: metrics.jsonl, the source of truth (on resume, lines after the checkpoint are dropped),
+    mirrored to TensorBoard (--tensorboard true) and Weights & Biases (--wandb PROJECT) when asked."""
+
+    def __init__(self, cfg: Config, start_step: int):
+        path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        if os.path.exists(path):  # resume: drop what a killed run logged after its checkpoint
+            with open(path) as f:
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start_step]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        self.file, self.tensorboard, self.wandb = open(path, "a"), None, None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"), purge_step=start_step + 1)
+        if cfg.wandb:
+            import wandb
+            id_path = os.path.join(cfg.out_dir, "wandb_id")  # the same wandb run across resumes
+            run_id = open(id_path).read().strip() if os.path.exists(id_path) else secrets.token_hex(4)
+            with open(id_path, "w") as f:
+                f.write(run_id)
+            self.wandb = wandb.init(project=cfg.wandb, id=run_id, resume="allow", dir=cfg.out_dir,
+                                    name=os.path.basename(os.path.abspath(cfg.out_dir)), config=dataclasses.asdict(cfg))
+
+    def __call__(self, record: dict):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+        if self.tensorboard:
+            for k, v in scalars.items():
+                self.tensorboard.add_scalar(k, v, record["step"])
+        if self.wandb:
+            self.wandb.log(scalars, step=record["step"])
+
+    def close(self):
+        self.file.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def export_for_hub(backbone: nn.Module, cfg: dict, step: int, folder: str, probe_acc=None):
@@ -1018,19 +1068,7 @@ def main(cfg: Config):
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if master and os.path.exists(metrics_path):  # resume: drop what a killed run logged after its checkpoint
-        with open(metrics_path) as f:
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start_step]
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
-    metrics = open(metrics_path, "a") if master else None
-
-    def log(record):
-        if master:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+    log = Logger(cfg, start_step) if master else lambda record: None
 
     val_loader = eval_loader(cfg, val_ds, image_col, label_col, rank, world, per_rank) if has_val else None
     checkpointer = Checkpointer(ckpt_path, start_step, writer=master)
@@ -1097,7 +1135,7 @@ def main(cfg: Config):
         write_atomic(model.backbone.state_dict(), os.path.join(cfg.out_dir, "backbone.pth"))  # the bare state dict
         export_for_hub(model.backbone, dataclasses.asdict(cfg), step, os.path.join(cfg.out_dir, "export"), last_acc)
     if master:
-        metrics.close()
+        log.close()
     if ddp:
         dist.destroy_process_group()
 

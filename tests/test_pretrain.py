@@ -399,3 +399,38 @@ def test_compiled_backbone_does_not_recompile_after_the_first_epoch(tmp_path, da
     torch._dynamo.reset()
     assert per_epoch[0] >= 2 and per_epoch[1:] == [0, 0], (per_epoch, graphs)
     assert len(graphs) < torch._dynamo.config.recompile_limit  # never falls back to eager
+
+
+# ---------------------------------------------------------------- logging mirrors
+
+def test_tensorboard_mirror_holds_the_logged_scalars(tmp_path, data):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (README's test command installs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "1", "--out_dir",
+           str(out), *TINY, "--workers", "0", "--steps_per_epoch", "3", "--tensorboard", "true"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "invariance", "sigreg", "lr", "probe_acc"):
+        logged = {rec["step"]: rec[key] for rec in read_metrics(out) if rec.get(key) is not None}
+        assert logged, key
+        board = {e.step: e.value for e in events.Scalars(key)}
+        assert board.keys() == logged.keys() and all(board[s] == pytest.approx(v, rel=1e-6) for s, v in logged.items())
+
+
+def test_wandb_mirror_offline_and_resumed_into_the_same_run(tmp_path, data):
+    pytest.importorskip("wandb", reason="wandb is not installed: the --wandb mirror is optional")
+    out = tmp_path / "out"
+    base = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "1", "--out_dir",
+            str(out), *TINY, "--workers", "0", "--steps_per_epoch", "4", "--wandb", "lejepa-test"]
+    e = dict(env(tmp_path), WANDB_MODE="offline", WANDB_SILENT="true")
+    r = subprocess.run(base + ["--stop_after", "2"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_id = (out / "wandb_id").read_text()
+    r = subprocess.run(base, cwd=ROOT, env=e, capture_output=True, text=True, timeout=240)  # resumes
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "wandb_id").read_text() == run_id
+    runs = list((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2  # two sessions of one wandb run, synced later with `wandb sync`
