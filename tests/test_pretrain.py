@@ -434,3 +434,24 @@ def test_wandb_mirror_offline_and_resumed_into_the_same_run(tmp_path, data):
     assert (out / "wandb_id").read_text() == run_id
     runs = list((out / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 2  # two sessions of one wandb run, synced later with `wandb sync`
+
+
+def test_spearman_of_the_informative_loss_view():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import plot_run
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=12), rng.normal(size=12)  # no ties: the textbook formula 1 - 6 sum d^2 / (n (n^2 - 1))
+    d = np.argsort(np.argsort(a)) - np.argsort(np.argsort(b))
+    assert plot_run.spearman(a, b) == pytest.approx(1 - 6 * (d ** 2).sum() / (12 * (12 ** 2 - 1)), abs=1e-12)
+    assert plot_run.spearman([3, 2, 1], [1, 2, 3]) == pytest.approx(-1.0)  # a monotone decrease
+    assert plot_run.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)  # ties get their mean rank
+
+
+def test_plot_of_a_run(tmp_path, full_run):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (README's test command installs it)")
+    out, _ = full_run
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_run.py"), str(out), "--out", str(tmp_path / "run.png")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    png = (tmp_path / "run.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(png) < 200_000
