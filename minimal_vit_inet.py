@@ -76,6 +76,7 @@ class Config:
     label_column: str = ""  # "" = auto (ClassLabel feature, else label/cls/fine_label); labels only feed the probe
     num_classes: int = 0  # 0 = auto (ClassLabel, else max label + 1; 1000 for imagenet-1k when streaming)
     streaming: bool = False  # stream hub data (no full download); shards split across ranks
+    num_proc: int = 0  # processes that prepare a downloaded dataset (timm/imagenet-1k-wds: 155 GB); 0 = one
     shuffle_buffer: int = 10_000  # streaming: images in the shuffle buffers of one rank, split over its workers
     steps_per_epoch: int = 0  # 0 = dataset size // global batch (streaming needs the size in the hub metadata)
     workers: int = 10  # DataLoader workers per rank: JPEG decoding + augmentation happen there
@@ -135,7 +136,7 @@ def parse_config(argv=None) -> Config:
     # fail fast, before any heavy work, with one clear line
     positive = ["batch_size", "global_size", "local_size", "num_slices", "proj_hidden", "proj_dim", "epochs", "lr",
                 "log_every", "save_every", "shuffle_buffer", "final_lr_div"]
-    not_negative = ["workers", "num_classes", "steps_per_epoch", "stop_after", "warmup_epochs", "n_local", "drop_path"]
+    not_negative = ["workers", "num_proc", "num_classes", "steps_per_epoch", "stop_after", "warmup_epochs", "n_local", "drop_path"]
     checks = [(getattr(cfg, k) > 0, f"--{k} must be > 0, got {getattr(cfg, k)}") for k in positive]
     checks += [(getattr(cfg, k) >= 0, f"--{k} must be >= 0, got {getattr(cfg, k)}") for k in not_negative]
     checks += [
@@ -271,7 +272,7 @@ IMAGE_NAMES, LABEL_NAMES = ("image", "img", "jpg", "png"), ("label", "cls", "fin
 
 
 def load_split(dataset: str, split: str, config: str = "", streaming: bool = False, missing_ok: bool = False,
-               revision: str = "", data_dir: str = ""):
+               revision: str = "", data_dir: str = "", num_proc: int = 0):
     """One split of a hub dataset, a local image folder (imagefolder builder) or a save_to_disk folder.
 
     With missing_ok, returns None when the split does not exist (e.g. no validation folder)."""
@@ -281,10 +282,12 @@ def load_split(dataset: str, split: str, config: str = "", streaming: bool = Fal
         elif os.path.isdir(dataset) and os.path.exists(os.path.join(dataset, "dataset_info.json")):
             return datasets.load_from_disk(dataset) if split == "train" else None  # a single saved split
         elif os.path.isdir(dataset):
-            ds = datasets.load_dataset("imagefolder", data_dir=dataset, split=split, streaming=streaming)
+            ds = datasets.load_dataset("imagefolder", data_dir=dataset, split=split, streaming=streaming,
+                                       **(dict(num_proc=num_proc) if num_proc and not streaming else {}))
         else:
             ds = datasets.load_dataset(dataset, config or None, split=split, streaming=streaming,
-                                       revision=revision or None, data_dir=data_dir or None)
+                                       revision=revision or None, data_dir=data_dir or None,
+                                       **(dict(num_proc=num_proc) if num_proc and not streaming else {}))
     except (ValueError, KeyError) as err:  # an unknown split or config
         if missing_ok and "split" in str(err):
             return None
@@ -773,7 +776,7 @@ class Checkpointer:
 
 # settings a resumed run may change; any other difference means out_dir holds another run's checkpoint
 RESUMABLE = {"workers", "log_every", "save_every", "stop_after", "compile", "out_dir", "bf16", "export",
-             "tensorboard", "wandb"}
+             "tensorboard", "wandb", "num_proc"}
 
 
 def check_same_run(path: str, cfg: Config) -> int:
@@ -1008,7 +1011,8 @@ def main(cfg: Config):
 
     # data: every rank loads; datasets' file locks let one process per node download and prepare the cache
     # while the others wait (a barrier here would time out during a multi-hour ImageNet download)
-    hub = dict(config=cfg.dataset_config, streaming=cfg.streaming, revision=cfg.dataset_revision, data_dir=cfg.dataset_data_dir)
+    hub = dict(config=cfg.dataset_config, streaming=cfg.streaming, revision=cfg.dataset_revision,
+               data_dir=cfg.dataset_data_dir, num_proc=cfg.num_proc)
     train_ds = load_split(cfg.dataset, cfg.train_split, **hub)
     val_ds = load_split(cfg.dataset, cfg.val_split, missing_ok=True, **hub) if cfg.val_split else None
     try:

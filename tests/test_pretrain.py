@@ -126,6 +126,12 @@ def test_load_split_and_find_columns(tmp_path, data, monkeypatch):
     assert mvi.find_columns(cifar)[1] == "fine_label" and mvi.find_columns(wds) == ("jpg", "cls")
     assert mvi.find_columns(cifar, label_column="coarse_label") == ("img", "coarse_label")
     assert mvi.count_classes(wds, "cls") == 8
+    # --num_proc: prepared anew (a fresh cache, read when datasets is imported) by 2 processes, same rows
+    code = f"import minimal_vit_inet as m; print(list(m.load_split({str(data)!r}, 'train', num_proc=2)['label']))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(tmp_path / "fresh"), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == str(list(train["label"])), r.stderr[-2000:]
+    assert "num_proc" in r.stderr  # it reached datasets (which runs one process per shard: one here)
 
 
 # ---------------------------------------------------------------- end to end, torchrun --nproc_per_node=2
