@@ -26,7 +26,7 @@ Commands (every Config field is a flag: --field value; list fields take several 
 Outputs in --out_dir: results.json (every number, every draw, timings) and table.md (the tables printed at the end).
 Measured (2-core CPU, shared): CIFAR-10 (50k train / 10k test, resnet18 at 32 px): extraction 4.7 min, head + k-NN
 1 min; a second run (cache) is the head alone. ImageNet and transfer-table times on GPU: not measured yet.
-ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms on the hub and `huggingface-cli login` first.
+ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms on the hub and `hf auth login` first.
 """
 import dataclasses
 import hashlib

@@ -20,7 +20,7 @@ Commands (every Config field below is a flag: --field value):
     # offline: a local folder of images by class (root/train/<class>/*.jpg, optional root/validation/...)
     python minimal_vit_inet.py --dataset /data/imagenette --model vit_small_patch16_224 --epochs 800
     # resume: run the same command with the same --out_dir; it continues where it stopped
-ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms on the hub and `huggingface-cli login` first.
+ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms on the hub and `hf auth login` first.
 """
 import argparse
 import dataclasses
@@ -304,7 +304,7 @@ def hub_error(dataset: str, config: str, split: str, err: Exception) -> str:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     if "gated" in text:
         return (f"gated on the hub: accept its terms at https://huggingface.co/datasets/{dataset} and log in "
-                f"(huggingface-cli login)")
+                f"(hf auth login)")
     if isinstance(err, ConnectionError):
         return (f"cannot reach the Hugging Face hub ({text}); offline, use a local copy: --dataset FOLDER (images "
                 f"in FOLDER/train/<class>/, or a save_to_disk folder), or HF_HUB_OFFLINE=1 with a cached copy")
@@ -946,7 +946,7 @@ def export_for_hub(backbone: nn.Module, cfg: dict, step: int, folder: str, probe
     """Write `folder` in timm's Hugging Face format with timm's own helper: config.json (architecture, model args,
     and the pretrained config: input size, bicubic resize + 0.875 centre crop and the mean/std of training) and
     model.safetensors, plus a model card. timm.create_model("local-dir:FOLDER", pretrained=True) loads it;
-    `huggingface-cli upload USER/REPO FOLDER` publishes it for timm.create_model("hf-hub:USER/REPO", pretrained=True)."""
+    `hf upload USER/REPO FOLDER` publishes it for timm.create_model("hf-hub:USER/REPO", pretrained=True)."""
     size = cfg["global_size"]
     backbone.pretrained_cfg = dict(backbone.pretrained_cfg, tag="lejepa", input_size=(3, size, size), num_classes=0,
                                    interpolation="bicubic", crop_pct=0.875, crop_mode="center",
@@ -974,7 +974,7 @@ def export_for_hub(backbone: nn.Module, cfg: dict, step: int, folder: str, probe
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write("\n".join(card))
     print0(f"exported {folder}: timm.create_model('local-dir:{folder}', pretrained=True); publish with "
-           f"`huggingface-cli upload USER/REPO {folder}`")
+           f"`hf upload USER/REPO {folder}`")
 
 
 def export_checkpoint(path: str):

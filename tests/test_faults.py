@@ -327,7 +327,7 @@ def test_hub_messages_say_what_to_do():
     missing = datasets.exceptions.DatasetNotFoundError("Dataset 'a/b' doesn't exist on the Hub or cannot be accessed.")
     config = ValueError("BuilderConfig 'x' not found. Available: ['plain_text']")
     split = ValueError('Unknown split "val". Should be one of [\'train\', \'test\'].')
-    assert "huggingface-cli login" in mvi.hub_error("timm/imagenet-1k-wds", "", "train", gated)
+    assert "hf auth login" in mvi.hub_error("timm/imagenet-1k-wds", "", "train", gated)
     assert "https://huggingface.co/datasets/timm/imagenet-1k-wds" in mvi.hub_error("timm/imagenet-1k-wds", "", "", gated)
     assert "check the id" in mvi.hub_error("a/b", "", "train", missing)
     assert "--dataset_config" in mvi.hub_error("a/b", "x", "train", config) and "plain_text" in \
