@@ -176,7 +176,8 @@ def test_resume_continues_exactly(tmp_path, data, full_run):
 def test_stop_after_at_or_below_the_resumed_step_does_nothing(tmp_path, data, full_run):
     out, _ = full_run  # holds a checkpoint at step 20
     def files():  # all but the lock file, which holds the pid of the latest run to take it
-        return {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir() if f.name != "lock"}
+        kept = [f for f in out.iterdir() if f.is_file() and f.name != "lock"]
+        return {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in kept}
 
     before = files()
     cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", str(EPOCHS),
