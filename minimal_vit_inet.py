@@ -556,7 +556,11 @@ class StreamViews(torch.utils.data.IterableDataset):
         self.skipped = mp.Value("i", 0)  # unreadable images, shared with the DataLoader's worker processes
 
     def __iter__(self):
-        for n, row in enumerate(self.ds.decode(False)):  # decode here, to catch broken files
+        ds = self.ds  # images are decoded below, to catch broken files (IterableDataset.decode: datasets >= 3.4)
+        if isinstance((ds.features or {}).get(self.image_col), datasets.Image):
+            ds = ds.cast_column(self.image_col, datasets.Image(decode=False))
+            ds.set_epoch(self.ds.epoch)  # the cast copy starts at epoch 0
+        for n, row in enumerate(ds):
             try:
                 image = datasets.Image().decode_example(row[self.image_col]) \
                     if isinstance(row[self.image_col], dict) else row[self.image_col]
@@ -715,7 +719,8 @@ def checkpoint_state(model: LeJEPA, optimizer, sigreg, step: int, cfg: Config) -
 
 def write_atomic(obj, path: str):
     tmp = path + ".tmp"  # same directory: os.replace is atomic, a crash never leaves half a file
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:  # opened here: the OS's own error text on every torch version
+        torch.save(obj, f)
     os.replace(tmp, path)
 
 
@@ -1142,6 +1147,7 @@ def main(cfg: Config):
         log.close()
     if ddp:
         dist.destroy_process_group()
+        time.sleep(0.1)  # torch < 2.14: lets gloo's threads release their finished work first (else a hang at exit)
 
 
 if __name__ == "__main__":

@@ -127,11 +127,17 @@ def test_load_split_and_find_columns(tmp_path, data, monkeypatch):
     assert mvi.find_columns(cifar, label_column="coarse_label") == ("img", "coarse_label")
     assert mvi.count_classes(wds, "cls") == 8
     # --num_proc: prepared anew (a fresh cache, read when datasets is imported) by 2 processes, same rows
-    code = f"import minimal_vit_inet as m; print(list(m.load_split({str(data)!r}, 'train', num_proc=2)['label']))"
+    code = "\n".join(["import sys, datasets, minimal_vit_inet as m",
+                      "load = datasets.load_dataset",
+                      "def spy(*args, **kwargs):",
+                      "    print('num_proc', kwargs.get('num_proc'), file=sys.stderr)",
+                      "    return load(*args, **kwargs)",
+                      "datasets.load_dataset = spy",
+                      f"print(list(m.load_split({str(data)!r}, 'train', num_proc=2)['label']))"])
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(tmp_path / "fresh"), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == str(list(train["label"])), r.stderr[-2000:]
-    assert "num_proc" in r.stderr  # it reached datasets (which runs one process per shard: one here)
+    assert "num_proc 2" in r.stderr  # it reached datasets (which runs one process per shard: one here)
 
 
 # ---------------------------------------------------------------- end to end, torchrun --nproc_per_node=2
@@ -405,7 +411,7 @@ def test_compiled_backbone_does_not_recompile_after_the_first_epoch(tmp_path, da
         per_epoch.append(len(graphs) - before)
     torch._dynamo.reset()
     assert per_epoch[0] >= 2 and per_epoch[1:] == [0, 0], (per_epoch, graphs)
-    assert len(graphs) < torch._dynamo.config.recompile_limit  # never falls back to eager
+    assert len(graphs) < torch._dynamo.config.cache_size_limit  # never falls back to eager (the recompile limit)
 
 
 # ---------------------------------------------------------------- logging mirrors
