@@ -468,3 +468,17 @@ def test_plot_of_a_run(tmp_path, full_run):
     assert r.returncode == 0, r.stderr[-2000:]
     png = (tmp_path / "run.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(png) < 200_000
+
+
+def test_a_missing_mirror_package_is_named_in_one_line(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    def find_spec(name, *args):  # as on a machine without either package
+        return None if name in ("tensorboard", "wandb") else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    for argv, package in ((["--tensorboard", "true"], "pip install tensorboard"),
+                          (["--wandb", "proj"], "pip install wandb")):
+        with pytest.raises(SystemExit) as e:
+            mvi.parse_config(argv)
+        assert package in str(e.value) and "\n" not in str(e.value)
