@@ -237,7 +237,7 @@ def test_exported_backbone_loads_in_timm_with_training_features(full_run):
     assert {"config.json", "model.safetensors", "README.md"} <= {f.name for f in export.iterdir()}
     hub = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
     data_cfg = timm.data.resolve_data_config({}, model=hub)
-    assert data_cfg["input_size"] == (3, 32, 32) and tuple(data_cfg["mean"]) == mvi.IMAGENET_MEAN
+    assert tuple(data_cfg["input_size"]) == (3, 32, 32) and tuple(data_cfg["mean"]) == mvi.IMAGENET_MEAN
     assert data_cfg["interpolation"] == "bicubic" and data_cfg["crop_pct"] == 0.875  # as eval_transform
     with torch.no_grad():
         assert torch.equal(hub(x), trained(x)) and hub(x[:, :, :16, :16]).shape == (3, 192)
