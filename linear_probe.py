@@ -434,8 +434,8 @@ def main(cfg: Config):
                        for role in ("train", "val")]
         timings[name] = dict(features_s=round(time.perf_counter() - t0, 1))
     if ddp:
-        dist.destroy_process_group()  # no collective after this: ranks 1.. end while rank 0 trains the heads
         time.sleep(0.1)  # torch < 2.14: lets gloo's threads release their finished work first (else a hang at exit)
+        dist.destroy_process_group()  # no collective after this: ranks 1.. end while rank 0 trains the heads
     if rank != 0:
         return None
 

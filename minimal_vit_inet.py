@@ -1146,8 +1146,8 @@ def main(cfg: Config):
     if master:
         log.close()
     if ddp:
-        dist.destroy_process_group()
         time.sleep(0.1)  # torch < 2.14: lets gloo's threads release their finished work first (else a hang at exit)
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
