@@ -276,6 +276,7 @@ def load_split(dataset: str, split: str, config: str = "", streaming: bool = Fal
     """One split of a hub dataset, a local image folder (imagefolder builder) or a save_to_disk folder.
 
     With missing_ok, returns None when the split does not exist (e.g. no validation folder)."""
+    prepare = dict(num_proc=num_proc) if num_proc and not streaming else {}  # parallel preparation, if asked
     try:
         if os.path.isdir(dataset) and os.path.exists(os.path.join(dataset, "dataset_dict.json")):
             ds = datasets.load_from_disk(dataset)[split]  # a DatasetDict written by save_to_disk
@@ -283,11 +284,11 @@ def load_split(dataset: str, split: str, config: str = "", streaming: bool = Fal
             return datasets.load_from_disk(dataset) if split == "train" else None  # a single saved split
         elif os.path.isdir(dataset):
             ds = datasets.load_dataset("imagefolder", data_dir=dataset, split=split, streaming=streaming,
-                                       **(dict(num_proc=num_proc) if num_proc and not streaming else {}))
+                                       **prepare)
         else:
             ds = datasets.load_dataset(dataset, config or None, split=split, streaming=streaming,
                                        revision=revision or None, data_dir=data_dir or None,
-                                       **(dict(num_proc=num_proc) if num_proc and not streaming else {}))
+                                       **prepare)
     except (ValueError, KeyError) as err:  # an unknown split (KeyError: of a save_to_disk folder) or config
         if missing_ok and (isinstance(err, KeyError) or "split" in str(err)):
             return None
