@@ -79,7 +79,7 @@ def full_run(tmp_path_factory, data):
     return tmp / "out", r.stdout
 
 
-# ---------------------------------------------------------------- pieces, in-process
+# ------------------------------------------------------------ 4. optimiser and schedule
 
 def test_lr_schedule_warmup_then_cosine_to_lr_over_1000():
     lr, total, warmup = 5e-4, 1000, 100
@@ -91,56 +91,108 @@ def test_lr_schedule_warmup_then_cosine_to_lr_over_1000():
     assert mvi.lr_at(5, 6, 0, 1.0) == pytest.approx(1e-3, rel=1e-9)  # also without warm-up
 
 
-def test_bad_arguments_fail_fast_with_one_line():
-    for argv, word in [(["--batch_size", "0"], "batch_size"), (["--lamb", "1.5"], "lamb"),
-                       (["--model", "vit_no_such_model"], "unknown timm model"),
-                       (["--global_size", "0"], "--global_size must be > 0"),
-                       (["--num_slices", "0"], "--num_slices must be > 0"),
-                       (["--workers", "-1"], "--workers must be >= 0"),
-                       (["--local_scale", "0.5", "0.2"], "crop scales"),
-                       (["--dataset", "/no/such/folder"], "no such folder"),
-                       (["--dataset", "./relative/missing"], "no such folder"),
-                       (["--epochs", "5"], "--warmup_epochs 10.0 is not shorter than --epochs 5")]:
-        with pytest.raises(SystemExit) as e:
-            mvi.parse_config(argv)
-        assert word in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
-    assert mvi.parse_config(["--dataset", "frgfm/imagenette"]).dataset == "frgfm/imagenette"  # a hub id is no path
-    cfg = mvi.parse_config(["--global_scale", "0.4", "0.9", "--bf16", "false", "--lr", "1e-3"])
-    assert cfg.global_scale == (0.4, 0.9) and cfg.bf16 is False and cfg.lr == 1e-3
+# ------------------------------------------------------------ 5. the training step (the GPU path, on the CPU)
 
-
-def test_load_split_and_find_columns(tmp_path, data, monkeypatch):
-    import datasets
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_training_step_never_waits_on_the_host(tmp_path, data, monkeypatch, bf16):
+    """The real step (train_step, then the guard's update) on real batches from the real loader: no operation that
+    makes a GPU's host wait (read-backs, data-dependent shapes, tensors built from host data) in a step that does
+    not log. Under bf16 autocast too (the GPU's precision, run here on the CPU): the loss terms come back fp32."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import host_syncs
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    train = mvi.load_split(str(data), "train")  # imagefolder builder
-    assert len(train) == 160 and mvi.find_columns(train) == ("image", "label")
-    assert mvi.count_classes(train, "label") == 4
-    assert mvi.load_split(str(data), "no_such_split", missing_ok=True) is None
-    datasets.DatasetDict(train=train.select(range(8))).save_to_disk(str(tmp_path / "saved"))
-    saved = mvi.load_split(str(tmp_path / "saved"), "train")  # load_from_disk
-    assert len(saved) == 8 and mvi.find_columns(saved) == ("image", "label")
-    # no Image/ClassLabel features: common names (CIFAR-100 style, ImageNet-wds style), or flags
-    img = Image.new("RGB", (8, 8))
-    cifar = datasets.Dataset.from_dict({"img": [img], "fine_label": [3], "coarse_label": [1]})
-    wds = datasets.Dataset.from_dict({"__key__": ["a"], "jpg": [img], "cls": [7]})
-    assert mvi.find_columns(cifar)[1] == "fine_label" and mvi.find_columns(wds) == ("jpg", "cls")
-    assert mvi.find_columns(cifar, label_column="coarse_label") == ("img", "coarse_label")
-    assert mvi.count_classes(wds, "cls") == 8
-    # --num_proc: prepared anew (a fresh cache, read when datasets is imported) by 2 processes, same rows
-    code = "\n".join(["import sys, datasets, minimal_vit_inet as m",
-                      "load = datasets.load_dataset",
-                      "def spy(*args, **kwargs):",
-                      "    print('num_proc', kwargs.get('num_proc'), file=sys.stderr)",
-                      "    return load(*args, **kwargs)",
-                      "datasets.load_dataset = spy",
-                      f"print(list(m.load_split({str(data)!r}, 'train', num_proc=2)['label']))"])
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(tmp_path / "fresh"), capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == str(list(train["label"])), r.stderr[-2000:]
-    assert "num_proc 2" in r.stderr  # it reached datasets (which runs one process per shard: one here)
+    cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--out_dir", str(tmp_path), "--bf16", str(bf16)])
+    ds = mvi.load_split(cfg.dataset, "train")
+    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), cfg.seed)
+    batches = mvi.train_batches(cfg, ds, views, 0, 0, 0, 1, 16, 10, num_classes=4)  # 1 worker draws the plans
+    device = torch.device("cpu")
+    model, sigreg, optimizer, lrs = mvi.build_training(cfg, 4, device)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    guard, counts = mvi.Guard(device, mvi.Checkpointer(str(tmp_path / "ckpt.pt"), 0, writer=False)), []
+    for step in range(3):
+        batch = next(batches)
+        with host_syncs.count(device) as syncs:
+            terms = mvi.train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device)
+            guard.update(step + 1, terms)
+        counts.append(syncs)
+    batches.close()  # stops the DataLoader worker now
+    assert counts[1] == [] and counts[2] == [], counts  # the first call builds per-device constants
+    assert terms.dtype == torch.float32 and torch.isfinite(terms).all()
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast never changes the weights
+    with host_syncs.count(device) as syncs:  # the counter does see the logging step's read-back
+        assert guard.check(False, 3) is False and len(terms.tolist()) == 4
+    assert len(syncs) == 2, syncs
 
 
-# ---------------------------------------------------------------- end to end, torchrun --nproc_per_node=2
+def test_bf16_run_keeps_checkpoint_and_export_in_fp32(tmp_path, data):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "1",
+           "--out_dir", str(out), *TINY, "--workers", "0", "--bf16", "true", "--steps_per_epoch", "3"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| bf16" in r.stdout
+    records = read_metrics(out)
+    assert all(math.isfinite(rec["loss"]) for rec in records if "loss" in rec) and len(losses(records)) == 3
+    assert any(rec.get("probe_acc") is not None for rec in records)  # evaluated under bf16 too
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    tensors = [t for part in ("backbone", "projector", "probe") for t in ckpt[part].values() if t.is_floating_point()]
+    tensors += [t for state in ckpt["optimizer"]["state"].values() for t in state.values() if t.is_floating_point()]
+    assert tensors and all(t.dtype == torch.float32 for t in tensors)
+    exported = torch.load(out / "backbone.pth", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in exported.values() if t.is_floating_point())
+
+
+def test_compiled_backbone_does_not_recompile_after_the_first_epoch(tmp_path, data, monkeypatch):
+    """--compile: the global-size and local-size training calls and the evaluation (another mode, a smaller last
+    batch) compile once each during the first epoch, then never again. Counted with a backend that records each
+    graph it is handed (dynamo decides recompiles, whatever the backend: inductor would take minutes here)."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--workers", "0", "--compile", "true"])
+    ds, val = mvi.load_split(cfg.dataset, "train"), mvi.load_split(cfg.dataset, "validation")
+    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), cfg.seed)
+    val_loader = mvi.eval_loader(cfg, val, "image", "label", 0, 1, 12)  # 40 images: batches of 12, 12, 12, 4
+    device = torch.device("cpu")
+    model, sigreg, optimizer, lrs = mvi.build_training(cfg, 4, device)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append([tuple(x.shape) for x in example_inputs if torch.is_tensor(x)])
+        return gm.forward
+
+    torch._dynamo.reset()
+    model.backbone.compile(backend=recording_backend)
+    autocast = torch.autocast("cpu", enabled=False)
+    per_epoch = []
+    for epoch in range(3):
+        before = len(graphs)
+        batches = mvi.train_batches(cfg, ds, views, epoch, 0, 0, 1, 16, 3)
+        for batch in batches:
+            mvi.train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device)
+        assert 0 <= mvi.evaluate_probe(cfg, model, val_loader, device, autocast) <= 1
+        per_epoch.append(len(graphs) - before)
+    torch._dynamo.reset()
+    assert per_epoch[0] >= 2 and per_epoch[1:] == [0, 0], (per_epoch, graphs)
+    assert len(graphs) < torch._dynamo.config.cache_size_limit  # never falls back to eager (the recompile limit)
+
+
+def test_ranks_draw_their_own_stochastic_depth():
+    """main() seeds every rank alike for the initial weights, then each by (seed, rank): the ranks' drop-path
+    masks (and streamed augmentations) differ, and each rank's are reproducible."""
+    from timm.layers import DropPath
+    drop, x = DropPath(0.5).train(), torch.ones(64, 1, 1)
+
+    def masks(rank):
+        mvi.seed_rank(0, rank)
+        return drop(x).flatten()
+
+    assert not torch.equal(masks(0), masks(1))
+    assert torch.equal(masks(1), masks(1))
+    rank0_seed0 = masks(0)
+    mvi.seed_rank(1, 0)  # another --seed: other masks
+    assert not torch.equal(drop(x).flatten(), rank0_seed0)
+
+
+# ------------------------------------------------------------ 6. main, end to end: torchrun --nproc_per_node=2
 
 def test_ddp_training_runs_loss_decreases_ranks_agree(full_run):
     out, stdout = full_run
@@ -194,72 +246,6 @@ def test_stop_after_at_or_below_the_resumed_step_does_nothing(tmp_path, data, fu
     assert files() == before
 
 
-def test_too_few_classes_is_refused_before_training(tmp_path, data):
-    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "1",
-           "--out_dir", str(tmp_path / "out"), *TINY, "--num_classes", "2"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: --num_classes 2 is too few") and "go up to 3" in line, r.stderr[-2000:]
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
-
-
-def test_ranks_draw_their_own_stochastic_depth():
-    """main() seeds every rank alike for the initial weights, then each by (seed, rank): the ranks' drop-path
-    masks (and streamed augmentations) differ, and each rank's are reproducible."""
-    from timm.layers import DropPath
-    drop, x = DropPath(0.5).train(), torch.ones(64, 1, 1)
-
-    def masks(rank):
-        mvi.seed_rank(0, rank)
-        return drop(x).flatten()
-
-    assert not torch.equal(masks(0), masks(1))
-    assert torch.equal(masks(1), masks(1))
-    rank0_seed0 = masks(0)
-    mvi.seed_rank(1, 0)  # another --seed: other masks
-    assert not torch.equal(drop(x).flatten(), rank0_seed0)
-
-
-def test_exported_backbone_loads_in_timm_with_training_features(full_run):
-    import timm
-    out, _ = full_run
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, dynamic_img_size=True,
-                              checkpoint_path=str(out / "backbone.pth")).eval()
-    trained = mvi.build_backbone("vit_tiny_patch16_224", 32).eval()  # as built in training, final weights
-    trained.load_state_dict(torch.load(out / "ckpt.pt", weights_only=False)["backbone"])
-    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(model(x), trained(x))
-        assert model(x[:, :, :16, :16]).shape == (3, 192)  # local-view size works too (dynamic_img_size)
-    # timm's Hugging Face format, written with timm's helper: one line loads weights and their config
-    export = out / "export"
-    assert {"config.json", "model.safetensors", "README.md"} <= {f.name for f in export.iterdir()}
-    hub = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
-    data_cfg = timm.data.resolve_data_config({}, model=hub)
-    assert tuple(data_cfg["input_size"]) == (3, 32, 32) and tuple(data_cfg["mean"]) == mvi.IMAGENET_MEAN
-    assert data_cfg["interpolation"] == "bicubic" and data_cfg["crop_pct"] == 0.875  # as eval_transform
-    with torch.no_grad():
-        assert torch.equal(hub(x), trained(x)) and hub(x[:, :, :16, :16]).shape == (3, 192)
-    card = (export / "README.md").read_text()
-    assert "vit_tiny_patch16_224" in card and "20 steps" in card and "top-1" in card
-
-
-def test_export_on_demand_from_a_checkpoint(tmp_path, full_run):
-    import shutil
-    import timm
-    out, _ = full_run
-    shutil.copy(out / "ckpt.pt", tmp_path / "ckpt.pt")
-    r = subprocess.run([sys.executable, str(ROOT / "minimal_vit_inet.py"), "--export", str(tmp_path / "ckpt.pt")],
-                       cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
-    b = timm.create_model(f"local-dir:{out / 'export'}", pretrained=True).eval()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(a(x), b(x))
-
-
 def test_sigterm_writes_checkpoint_and_exits(tmp_path, data):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
@@ -277,16 +263,6 @@ def test_sigterm_writes_checkpoint_and_exits(tmp_path, data):
     assert 2 <= step < 50 * STEPS_PER_EPOCH and f"stopped after step {step}" in stdout
 
 
-def test_streaming_single_process(tmp_path, data):
-    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--streaming", "true",
-           "--steps_per_epoch", "3", "--epochs", "1", "--out_dir", str(tmp_path / "out"), *TINY, "--workers", "0"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    records = read_metrics(tmp_path / "out")
-    assert sorted(losses(records)) == [1, 2, 3] and any("probe_acc" in r for r in records)
-    assert (tmp_path / "out" / "backbone.pth").exists()
-
-
 def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(tmp_path, data):
     # lr 1e30: AdamW's first update makes the weights ~1e30, so the second step's loss overflows to nan
     out = tmp_path / "out"
@@ -299,55 +275,91 @@ def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(tmp_path, data):
     assert not list(out.glob("*.tmp")) and not (out / "backbone.pth").exists()
 
 
-# ---------------------------------------------------------------- the GPU path, checked on the CPU
+# ------------------------------------------------------------ plumbing: the command line
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_a_training_step_never_waits_on_the_host(tmp_path, data, monkeypatch, bf16):
-    """The real step (train_step, then the guard's update) on real batches from the real loader: no operation that
-    makes a GPU's host wait (read-backs, data-dependent shapes, tensors built from host data) in a step that does
-    not log. Under bf16 autocast too (the GPU's precision, run here on the CPU): the loss terms come back fp32."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import host_syncs
+def test_bad_arguments_fail_fast_with_one_line():
+    for argv, word in [(["--batch_size", "0"], "batch_size"), (["--lamb", "1.5"], "lamb"),
+                       (["--model", "vit_no_such_model"], "unknown timm model"),
+                       (["--global_size", "0"], "--global_size must be > 0"),
+                       (["--num_slices", "0"], "--num_slices must be > 0"),
+                       (["--workers", "-1"], "--workers must be >= 0"),
+                       (["--local_scale", "0.5", "0.2"], "crop scales"),
+                       (["--dataset", "/no/such/folder"], "no such folder"),
+                       (["--dataset", "./relative/missing"], "no such folder"),
+                       (["--epochs", "5"], "--warmup_epochs 10.0 is not shorter than --epochs 5")]:
+        with pytest.raises(SystemExit) as e:
+            mvi.parse_config(argv)
+        assert word in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
+    assert mvi.parse_config(["--dataset", "frgfm/imagenette"]).dataset == "frgfm/imagenette"  # a hub id is no path
+    cfg = mvi.parse_config(["--global_scale", "0.4", "0.9", "--bf16", "false", "--lr", "1e-3"])
+    assert cfg.global_scale == (0.4, 0.9) and cfg.bf16 is False and cfg.lr == 1e-3
+
+
+def test_a_missing_mirror_package_is_named_in_one_line(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    def find_spec(name, *args):  # as on a machine without either package
+        return None if name in ("tensorboard", "wandb") else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    for argv, package in ((["--tensorboard", "true"], "pip install tensorboard"),
+                          (["--wandb", "proj"], "pip install wandb")):
+        with pytest.raises(SystemExit) as e:
+            mvi.parse_config(argv)
+        assert package in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------ plumbing: data
+
+def test_load_split_and_find_columns(tmp_path, data, monkeypatch):
+    import datasets
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--out_dir", str(tmp_path), "--bf16", str(bf16)])
-    ds = mvi.load_split(cfg.dataset, "train")
-    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), cfg.seed)
-    batches = mvi.train_batches(cfg, ds, views, 0, 0, 0, 1, 16, 10, num_classes=4)  # 1 worker draws the plans
-    device = torch.device("cpu")
-    model, sigreg, optimizer, lrs = mvi.build_training(cfg, 4, device)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-    guard, counts = mvi.Guard(device, mvi.Checkpointer(str(tmp_path / "ckpt.pt"), 0, writer=False)), []
-    for step in range(3):
-        batch = next(batches)
-        with host_syncs.count(device) as syncs:
-            terms = mvi.train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device)
-            guard.update(step + 1, terms)
-        counts.append(syncs)
-    batches.close()  # stops the DataLoader worker now
-    assert counts[1] == [] and counts[2] == [], counts  # the first call builds per-device constants
-    assert terms.dtype == torch.float32 and torch.isfinite(terms).all()
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast never changes the weights
-    with host_syncs.count(device) as syncs:  # the counter does see the logging step's read-back
-        assert guard.check(False, 3) is False and len(terms.tolist()) == 4
-    assert len(syncs) == 2, syncs
+    train = mvi.load_split(str(data), "train")  # imagefolder builder
+    assert len(train) == 160 and mvi.find_columns(train) == ("image", "label")
+    assert mvi.count_classes(train, "label") == 4
+    assert mvi.load_split(str(data), "no_such_split", missing_ok=True) is None
+    datasets.DatasetDict(train=train.select(range(8))).save_to_disk(str(tmp_path / "saved"))
+    saved = mvi.load_split(str(tmp_path / "saved"), "train")  # load_from_disk
+    assert len(saved) == 8 and mvi.find_columns(saved) == ("image", "label")
+    # no Image/ClassLabel features: common names (CIFAR-100 style, ImageNet-wds style), or flags
+    img = Image.new("RGB", (8, 8))
+    cifar = datasets.Dataset.from_dict({"img": [img], "fine_label": [3], "coarse_label": [1]})
+    wds = datasets.Dataset.from_dict({"__key__": ["a"], "jpg": [img], "cls": [7]})
+    assert mvi.find_columns(cifar)[1] == "fine_label" and mvi.find_columns(wds) == ("jpg", "cls")
+    assert mvi.find_columns(cifar, label_column="coarse_label") == ("img", "coarse_label")
+    assert mvi.count_classes(wds, "cls") == 8
+    # --num_proc: prepared anew (a fresh cache, read when datasets is imported) by 2 processes, same rows
+    code = "\n".join(["import sys, datasets, minimal_vit_inet as m",
+                      "load = datasets.load_dataset",
+                      "def spy(*args, **kwargs):",
+                      "    print('num_proc', kwargs.get('num_proc'), file=sys.stderr)",
+                      "    return load(*args, **kwargs)",
+                      "datasets.load_dataset = spy",
+                      f"print(list(m.load_split({str(data)!r}, 'train', num_proc=2)['label']))"])
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(tmp_path / "fresh"), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == str(list(train["label"])), r.stderr[-2000:]
+    assert "num_proc 2" in r.stderr  # it reached datasets (which runs one process per shard: one here)
 
 
-def test_bf16_run_keeps_checkpoint_and_export_in_fp32(tmp_path, data):
-    out = tmp_path / "out"
+def test_too_few_classes_is_refused_before_training(tmp_path, data):
     cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "1",
-           "--out_dir", str(out), *TINY, "--workers", "0", "--bf16", "true", "--steps_per_epoch", "3"]
+           "--out_dir", str(tmp_path / "out"), *TINY, "--num_classes", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --num_classes 2 is too few") and "go up to 3" in line, r.stderr[-2000:]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_streaming_single_process(tmp_path, data):
+    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--streaming", "true",
+           "--steps_per_epoch", "3", "--epochs", "1", "--out_dir", str(tmp_path / "out"), *TINY, "--workers", "0"]
     r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "| bf16" in r.stdout
-    records = read_metrics(out)
-    assert all(math.isfinite(rec["loss"]) for rec in records if "loss" in rec) and len(losses(records)) == 3
-    assert any(rec.get("probe_acc") is not None for rec in records)  # evaluated under bf16 too
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
-    tensors = [t for part in ("backbone", "projector", "probe") for t in ckpt[part].values() if t.is_floating_point()]
-    tensors += [t for state in ckpt["optimizer"]["state"].values() for t in state.values() if t.is_floating_point()]
-    assert tensors and all(t.dtype == torch.float32 for t in tensors)
-    exported = torch.load(out / "backbone.pth", weights_only=True)
-    assert all(t.dtype == torch.float32 for t in exported.values() if t.is_floating_point())
+    records = read_metrics(tmp_path / "out")
+    assert sorted(losses(records)) == [1, 2, 3] and any("probe_acc" in r for r in records)
+    assert (tmp_path / "out" / "backbone.pth").exists()
 
 
 def test_streaming_runs_across_epochs_and_ranks_draw_their_own_views(tmp_path, data, monkeypatch):
@@ -381,40 +393,7 @@ def test_streaming_runs_across_epochs_and_ranks_draw_their_own_views(tmp_path, d
     assert not torch.equal(rank0, first_batch(1)) and torch.equal(rank0, first_batch(0))
 
 
-def test_compiled_backbone_does_not_recompile_after_the_first_epoch(tmp_path, data, monkeypatch):
-    """--compile: the global-size and local-size training calls and the evaluation (another mode, a smaller last
-    batch) compile once each during the first epoch, then never again. Counted with a backend that records each
-    graph it is handed (dynamo decides recompiles, whatever the backend: inductor would take minutes here)."""
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--workers", "0", "--compile", "true"])
-    ds, val = mvi.load_split(cfg.dataset, "train"), mvi.load_split(cfg.dataset, "validation")
-    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), cfg.seed)
-    val_loader = mvi.eval_loader(cfg, val, "image", "label", 0, 1, 12)  # 40 images: batches of 12, 12, 12, 4
-    device = torch.device("cpu")
-    model, sigreg, optimizer, lrs = mvi.build_training(cfg, 4, device)
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append([tuple(x.shape) for x in example_inputs if torch.is_tensor(x)])
-        return gm.forward
-
-    torch._dynamo.reset()
-    model.backbone.compile(backend=recording_backend)
-    autocast = torch.autocast("cpu", enabled=False)
-    per_epoch = []
-    for epoch in range(3):
-        before = len(graphs)
-        batches = mvi.train_batches(cfg, ds, views, epoch, 0, 0, 1, 16, 3)
-        for batch in batches:
-            mvi.train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device)
-        assert 0 <= mvi.evaluate_probe(cfg, model, val_loader, device, autocast) <= 1
-        per_epoch.append(len(graphs) - before)
-    torch._dynamo.reset()
-    assert per_epoch[0] >= 2 and per_epoch[1:] == [0, 0], (per_epoch, graphs)
-    assert len(graphs) < torch._dynamo.config.cache_size_limit  # never falls back to eager (the recompile limit)
-
-
-# ---------------------------------------------------------------- logging mirrors
+# ------------------------------------------------------------ plumbing: logs
 
 def test_tensorboard_mirror_holds_the_logged_scalars(tmp_path, data):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (README's test command installs it)")
@@ -470,15 +449,42 @@ def test_plot_of_a_run(tmp_path, full_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(png) < 200_000
 
 
-def test_a_missing_mirror_package_is_named_in_one_line(monkeypatch):
-    import importlib.util
-    real = importlib.util.find_spec
-    def find_spec(name, *args):  # as on a machine without either package
-        return None if name in ("tensorboard", "wandb") else real(name, *args)
+# ------------------------------------------------------------ plumbing: export
 
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    for argv, package in ((["--tensorboard", "true"], "pip install tensorboard"),
-                          (["--wandb", "proj"], "pip install wandb")):
-        with pytest.raises(SystemExit) as e:
-            mvi.parse_config(argv)
-        assert package in str(e.value) and "\n" not in str(e.value)
+def test_exported_backbone_loads_in_timm_with_training_features(full_run):
+    import timm
+    out, _ = full_run
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, dynamic_img_size=True,
+                              checkpoint_path=str(out / "backbone.pth")).eval()
+    trained = mvi.build_backbone("vit_tiny_patch16_224", 32).eval()  # as built in training, final weights
+    trained.load_state_dict(torch.load(out / "ckpt.pt", weights_only=False)["backbone"])
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))
+        assert model(x[:, :, :16, :16]).shape == (3, 192)  # local-view size works too (dynamic_img_size)
+    # timm's Hugging Face format, written with timm's helper: one line loads weights and their config
+    export = out / "export"
+    assert {"config.json", "model.safetensors", "README.md"} <= {f.name for f in export.iterdir()}
+    hub = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
+    data_cfg = timm.data.resolve_data_config({}, model=hub)
+    assert tuple(data_cfg["input_size"]) == (3, 32, 32) and tuple(data_cfg["mean"]) == mvi.IMAGENET_MEAN
+    assert data_cfg["interpolation"] == "bicubic" and data_cfg["crop_pct"] == 0.875  # as eval_transform
+    with torch.no_grad():
+        assert torch.equal(hub(x), trained(x)) and hub(x[:, :, :16, :16]).shape == (3, 192)
+    card = (export / "README.md").read_text()
+    assert "vit_tiny_patch16_224" in card and "20 steps" in card and "top-1" in card
+
+
+def test_export_on_demand_from_a_checkpoint(tmp_path, full_run):
+    import shutil
+    import timm
+    out, _ = full_run
+    shutil.copy(out / "ckpt.pt", tmp_path / "ckpt.pt")
+    r = subprocess.run([sys.executable, str(ROOT / "minimal_vit_inet.py"), "--export", str(tmp_path / "ckpt.pt")],
+                       cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    b = timm.create_model(f"local-dir:{out / 'export'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))

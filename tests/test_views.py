@@ -1,8 +1,9 @@
-"""MultiCrop of minimal_vit_inet.py: the seed README's augmentation table, checked from the drawn parameters.
+"""1. Views of minimal_vit_inet.py: MultiCrop's draws follow the seed README's augmentation table, and the
+colour stage on the device matches torchvision image by image.
 
 Probabilities are checked over many draws from fixed seeds with a 6-sigma binomial bound (cannot flake:
 the seeds are fixed, and a correct probability misses the bound with chance ~2e-9). Images are generated here.
-    python -m pytest -q tests/test_multicrop.py      # a few seconds on CPU
+    python -m pytest -q tests/test_views.py         # a few seconds on CPU
 """
 import math
 import os
