@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from datasets.distributed import split_dataset_by_node
 from tqdm import tqdm
 
 import minimal_vit_inet as mvi  # data loading, backbone construction, eval transform, distributed setup
@@ -240,26 +241,17 @@ def load_labelled(cfg: Config, name: str, role: str):
     return ds, image_col, label_col
 
 
-def gather_rows(t: torch.Tensor, rank: int, world: int, interleaved: bool):
-    """Rank 0 gets every rank's rows of t (N_r, ...); the others get None. interleaved: rank r held rows
-    r, r + world, ... of the split (map-style eval_loader), which are put back in dataset order."""
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)  # gather needs equal shapes
-    padded[:len(t)] = t
-    parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
-    dist.gather(padded, parts, dst=0)
+def gather_rows(f: list, y: list, skipped: int, rank: int, world: int):
+    """On rank 0: every rank's batches (B, F) and (B,), concatenated in rank order, and the skipped images."""
+    parts = [(f, y, skipped)]
+    if world > 1:
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object((f, y, skipped), parts, dst=0)  # lists of CPU batches: a rank may have none
     if rank != 0:
-        return None
-    parts = [p[:s].cpu() for p, s in zip(parts, sizes)]
-    if not interleaved:
-        return torch.cat(parts)
-    out = torch.empty((sum(sizes), *t.shape[1:]), dtype=t.dtype)
-    for r, p in enumerate(parts):
-        out[r::world] = p
-    return out
+        return None, None, None
+    f = [batch for rank_f, _, _ in parts for batch in rank_f]
+    y = [batch for _, rank_y, _ in parts for batch in rank_y]
+    return torch.cat(f), torch.cat(y), sum(n for _, _, n in parts)
 
 
 def features(cfg, model, mean, std, ident, name, role, device, rank, world) -> str:
@@ -281,7 +273,8 @@ def features(cfg, model, mean, std, ident, name, role, device, rank, world) -> s
     # every rank loads the split: datasets' file locks let one process per node download and prepare it while
     # the others wait on the lock, not in a collective (rank 0 preparing ImageNet alone would time them out)
     ds, image_col, label_col = load_labelled(cfg, name, role)
-    loader = mvi.eval_loader(cfg, ds, image_col, label_col, rank, world, cfg.batch_size)  # this rank's share
+    ds = split_dataset_by_node(ds, rank, world)  # map-style: contiguous shares, so rank order is row order
+    loader = mvi.eval_loader(cfg, ds, image_col, label_col, 0, 1, cfg.batch_size)  # all of this rank's share
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
@@ -289,23 +282,14 @@ def features(cfg, model, mean, std, ident, name, role, device, rank, world) -> s
     with torch.no_grad(), autocast:
         for x, y in tqdm(loader, desc=f"{name} {role}", disable=True if rank else None):  # None: off in logs
             x = (x.to(device, non_blocking=True).float() / 255 - m) / s  # uint8 -> normalised (timm weights: own mean/std)
-            feats.append(embed(model, x).float())
-            labels.append(y.to(device))
-    f = torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
-    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
-    skipped = torch.tensor([loader.dataset.skipped.value], device=device)  # unreadable files (see warnings)
-    if world > 1:
-        dist.all_reduce(skipped)
-    if skipped.item():
-        print0(f"{name} {role}: {skipped.item()} unreadable image(s), each replaced by the next readable one")
-    if world > 1:  # map-style: rank r held rows r, r + world, ...; streamed shards have no order to restore
-        width = torch.tensor([f.shape[1]], device=device)
-        dist.all_reduce(width, op=dist.ReduceOp.MAX)  # a rank with no rows still takes part in the gather
-        f = f if len(f) else torch.zeros(0, int(width), device=device)
-        f, y = (gather_rows(t, rank, world, isinstance(ds, datasets.Dataset)) for t in (f, y))
+            feats.append(embed(model, x).float())  # (B, F), left on the device: no sync per batch
+            labels.append(y)
+    f, y, skipped = gather_rows([b.cpu() for b in feats], labels, loader.dataset.skipped.value, rank, world)
     if rank != 0:
         return path
-    f, y = f.cpu(), y.cpu().long()
+    if skipped:
+        print0(f"{name} {role}: {skipped} unreadable image(s), each replaced by the next readable one")
+    y = y.long()
     # fp16 halves the cache (ImageNet, ViT-L: 1.28M x 2048 -> 5.2 GB); keep fp32 if a value would overflow
     f = f.half() if f.abs().max() < 6e4 else f
     os.makedirs(os.path.dirname(path), exist_ok=True)
