@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from datasets.distributed import split_dataset_by_node
+from timm.data import resolve_model_data_config
 from tqdm import tqdm
 
 import minimal_vit_inet as mvi  # data loading, backbone construction, eval transform, distributed setup
@@ -155,13 +156,6 @@ def shot_values(shots) -> list:
 # -----------------------------------------------------------------------------
 # Backbone: a minimal_vit_inet.py checkpoint, its exported backbone, or a timm model by name; frozen
 
-class Pixels(nn.Module):
-    """Baseline "backbone": the normalised image itself, flattened to 3 * size * size features."""
-
-    def forward(self, x):
-        return x.flatten(1)
-
-
 def build_model(cfg: Config):
     """-> (frozen model in eval mode, evaluation size, mean, std, identity string for the feature cache)."""
     mean, std = mvi.IMAGENET_MEAN, mvi.IMAGENET_STD  # what minimal_vit_inet.normalize trains with
@@ -171,8 +165,8 @@ def build_model(cfg: Config):
     if name.startswith(HUB) or (cfg.pretrained and not cfg.checkpoint):
         # weights with their pretrained config: evaluated at its resolution and normalisation unless told otherwise
         model = timm.create_model(name, pretrained=True, num_classes=0)
-        pcfg = model.pretrained_cfg
-        mean, std, size = pcfg.get("mean", mean), pcfg.get("std", std), cfg.global_size or pcfg["input_size"][-1]
+        data = resolve_model_data_config(model)
+        mean, std, size = data["mean"], data["std"], cfg.global_size or data["input_size"][-1]
         files = [os.path.join(name[len("local-dir:"):], f) for f in ("config.json", "model.safetensors")]
         stamp = [os.stat(f).st_mtime_ns for f in files if os.path.exists(f)]  # a new export: new features
         ident = f"timm:{name}:pretrained{stamp if name.startswith('local-dir:') else ''}"
@@ -198,7 +192,7 @@ def build_model(cfg: Config):
         stat = os.stat(cfg.checkpoint)  # a new checkpoint at the same path must not reuse old features
         ident, size = f"{os.path.abspath(cfg.checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}:{name}", cfg.global_size or train_size
     elif cfg.model == "pixels":
-        model, ident, size = Pixels(), "pixels", cfg.global_size or 224
+        model, ident, size = nn.Flatten(), "pixels", cfg.global_size or 224  # 3 * size * size features
     else:  # random init, seeded: as minimal_vit_inet.py builds it before training
         torch.manual_seed(cfg.seed)
         size = cfg.global_size or 224
@@ -226,7 +220,7 @@ def load_labelled(cfg: Config, name: str, role: str):
         split = train if role == "train" else test
         try:
             ds = datasets.load_dataset(hub_id, data_files=files, split=split)
-        except (ConnectionError, ValueError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as err:
+        except (ConnectionError, ValueError, FileNotFoundError) as err:  # DatasetNotFoundError is one too
             sys.exit(f"error: {name} ({hub_id}): {mvi.hub_error(hub_id, '', split, err)}")
         return (ds, *mvi.find_columns(ds, cfg.image_column, label))
     split = cfg.train_split if role == "train" else cfg.val_split
