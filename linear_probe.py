@@ -144,13 +144,9 @@ def dataset_names(names) -> list:
 
 def shot_values(shots) -> list:
     """["1", "10", "all"] -> [1, 10, "all"]."""
-    try:
-        values = [s if s == "all" else int(s) for s in shots]
-    except ValueError:
-        sys.exit(f"error: --shots takes positive integers and/or 'all', got {' '.join(shots)}")
-    if any(v != "all" and v <= 0 for v in values):
-        sys.exit(f"error: --shots must be positive, got {' '.join(shots)}")
-    return values
+    if not all(s == "all" or (str(s).isdecimal() and int(s) > 0) for s in shots):
+        sys.exit(f"error: --shots takes positive integers and/or 'all', got {' '.join(map(str, shots))}")
+    return [s if s == "all" else int(s) for s in shots]
 
 
 # -----------------------------------------------------------------------------
@@ -317,16 +313,14 @@ def train_head(x, y, x_val, y_val, num_classes: int, cfg: Config, seed: int, dev
     head = nn.Sequential(nn.LayerNorm(x.shape[1]), nn.Linear(x.shape[1], num_classes)).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch = min(cfg.head_batch, len(x))
-    steps = max(cfg.epochs * (len(x) // batch), cfg.min_steps)
-    warmup = round(cfg.warmup_frac * steps)
-    perm, pos = torch.randperm(len(x), generator=g), 0
+    per_epoch = len(x) // batch  # the incomplete tail batch is dropped
+    steps = max(cfg.epochs * per_epoch, cfg.min_steps)
     for step in range(steps):
-        if pos + batch > len(x):  # new epoch (the incomplete tail batch is dropped)
-            perm, pos = torch.randperm(len(x), generator=g), 0
-        i = perm[pos:pos + batch].to(device)
-        pos += batch
-        for group in opt.param_groups:
-            group["lr"] = mvi.lr_at(step, steps, warmup, cfg.lr)  # warm-up then cosine to lr / 1000
+        if step % per_epoch == 0:  # a new epoch, a new order
+            perm = torch.randperm(len(x), generator=g)
+        i = perm[step % per_epoch * batch:][:batch].to(device)
+        for group in opt.param_groups:  # seed README: warm-up then cosine (to lr / 1000), as in pretraining
+            group["lr"] = mvi.lr_at(step, steps, round(cfg.warmup_frac * steps), cfg.lr)
         loss = F.cross_entropy(head(x[i].float()), y[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -359,17 +353,18 @@ def evaluate(cfg, train, val, shots, device) -> dict:
     out = {}
     for k in shots:
         draws = []
-        for d in range(1 if k == "all" else cfg.draws):
-            idx = sample_shots(y, k, cfg.seed + d) if k != "all" else None
-            xs, ys = (x, y) if idx is None else (x[idx], y[idx])
-            draws.append(dict(seed=cfg.seed + d, n_train=len(ys),
-                              linear=train_head(xs, ys, x_val, y_val, num_classes, cfg, cfg.seed + d, device),
-                              knn=knn_accuracy(xs, ys, x_val, y_val, num_classes, cfg.knn_k, cfg.knn_temperature, device)
-                              if cfg.knn_k else float("nan")))
-        summary = {m: torch.tensor([r[m] for r in draws], dtype=torch.float64) for m in ("linear", "knn")}
-        out[str(k)] = dict(linear=summary["linear"].mean().item(), knn=summary["knn"].mean().item(),
-                           linear_std=summary["linear"].std(unbiased=False).item(),  # spread over the draws
-                           knn_std=summary["knn"].std(unbiased=False).item(), draws=draws)
+        for seed in range(cfg.seed, cfg.seed + (1 if k == "all" else cfg.draws)):
+            idx = slice(None) if k == "all" else sample_shots(y, k, seed)  # slice(None): every row, no copy
+            xs, ys = x[idx], y[idx]
+            linear = train_head(xs, ys, x_val, y_val, num_classes, cfg, seed, device)
+            knn = float("nan")  # --knn_k 0: no k-NN
+            if cfg.knn_k:
+                knn = knn_accuracy(xs, ys, x_val, y_val, num_classes, cfg.knn_k, cfg.knn_temperature, device)
+            draws.append(dict(seed=seed, n_train=len(ys), linear=linear, knn=knn))
+        acc = {m: torch.tensor([d[m] for d in draws], dtype=torch.float64) for m in ("linear", "knn")}
+        out[str(k)] = dict(linear=acc["linear"].mean().item(), knn=acc["knn"].mean().item(),
+                           linear_std=acc["linear"].std(unbiased=False).item(),  # the spread over the draws
+                           knn_std=acc["knn"].std(unbiased=False).item(), draws=draws)
     return out
 
 
@@ -377,12 +372,13 @@ def format_table(results: dict, metric: str = "linear") -> str:
     """Markdown in the seed README's layout: one row per shots setting, one column per dataset, then avg.
     results: {dataset: {shots: {metric, metric_std, draws}}}; k-shot cells show mean ± std over draws."""
     names = list(results)
-    shots = list(results[names[0]])
     lines = ["| shots | " + " | ".join(os.path.basename(n.rstrip("/")) for n in names) + " | avg |",
              "|---" * (len(names) + 2) + "|"]
-    for s in shots:
-        cells = [f"{results[n][s][metric]:.2f}" + (f" ± {results[n][s][metric + '_std']:.2f}"
-                                                   if len(results[n][s]["draws"]) > 1 else "") for n in names]
+    for s in results[names[0]]:
+        cells = []
+        for r in (results[n][s] for n in names):
+            spread = f" ± {r[metric + '_std']:.2f}" if len(r["draws"]) > 1 else ""
+            cells.append(f"{r[metric]:.2f}{spread}")
         avg = sum(results[n][s][metric] for n in names) / len(names)
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {avg:.2f} |")
     return "\n".join(lines)
