@@ -513,10 +513,10 @@ def parse_config(argv=None) -> Config:
     for f in dataclasses.fields(Config):
         if f.type in (bool, "bool"):
             p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+        elif "tuple" in str(f.type):  # the crop scales: two numbers
+            p.add_argument(f"--{f.name}", type=float, nargs=2, default=f.default)
         else:
-            pair = "tuple" in str(f.type)
-            p.add_argument(f"--{f.name}", type=float if pair else type(f.default), nargs=2 if pair else None,
-                           default=f.default)
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
     positive = ["batch_size", "global_size", "local_size", "num_slices", "proj_hidden", "proj_dim", "epochs",
                 "lr", "log_every", "save_every", "shuffle_buffer", "final_lr_div"]
