@@ -165,6 +165,9 @@ class MultiCrop:
 @contextlib.contextmanager
 def drawing_from(g: torch.Generator):
     """torchvision's get_params draw from the global RNG: run them on g's stream, and advance g."""
+    if g is torch.default_generator:  # streaming: the worker's own RNG is the global one already
+        yield
+        return
     with torch.random.fork_rng(devices=[]):
         torch.set_rng_state(g.get_state())
         yield

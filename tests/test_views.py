@@ -188,3 +188,13 @@ def test_normalize_on_device_matches_cpu_torchvision():
     out = mvi.normalize(x.to(device))
     assert out.dtype == torch.float32 and out.device.type == device
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_views_drawn_from_the_global_rng_differ_call_after_call():
+    """Streaming hands MultiCrop the worker's global generator: each call must draw anew and advance it."""
+    mc, img = mvi.MultiCrop(global_size=64, local_size=32, n_global=2, n_local=2), photo(seed=2)
+    torch.manual_seed(0)
+    first, second = mc(img, torch.default_generator), mc(img, torch.default_generator)
+    assert not any(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+    torch.manual_seed(0)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, mc(img, torch.default_generator)))
