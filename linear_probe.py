@@ -24,8 +24,9 @@ Commands (every Config field is a flag: --field value; list fields take several 
   python linear_probe.py --model pixels --global_size 32 --dataset /data/cifar10-jpg --val_split test
 Outputs in --out_dir: results.json (every number, every draw, timings) and table.md (the tables printed last).
 Measured (2-core CPU, shared): CIFAR-10 (50k train / 10k test, resnet18 at 32 px): extraction 4.7 min,
-head + k-NN 1 min; a second run (cache) is the head alone. ImageNet and transfer-table times on GPU: not
-measured yet. ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms on the hub and `hf auth login`.
+head + k-NN 1 min; a second run (cache) is the head alone. One H100: the same in 26 s (bench/gpu_check.py).
+ImageNet and transfer-table times: not measured yet.
+ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms on the hub and `hf auth login`.
 """
 import argparse
 import dataclasses
