@@ -310,7 +310,8 @@ def test_unreachable_hub_ends_every_rank_with_one_line(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.startswith("error: nobody/no-such-dataset:")]
-    assert len(lines) == 2 and "cannot reach the Hugging Face hub" in lines[0] and "--dataset FOLDER" in lines[0]
+    assert len(lines) == 2 and "cannot reach the Hugging Face hub" in lines[0] and "--dataset FOLDER" in lines[0], \
+        r.stderr[-3000:]
     assert "error on rank" not in r.stderr  # no traceback of ours: a clean, explained exit
     probe = [sys.executable, str(ROOT / "linear_probe.py"), "--model", "pixels", "--dataset", "pets",
              "--out_dir", str(tmp_path / "p")]
