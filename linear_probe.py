@@ -163,13 +163,11 @@ def features(cfg, model, mean, std, ident, name, role, device, rank, world) -> s
     ds, image_col, label_col = load_labelled(cfg, name, role)
     ds = split_dataset_by_node(ds, rank, world)  # map-style: contiguous shares, so rank order is row order
     loader = mvi.eval_loader(cfg, ds, image_col, label_col, 0, 1, cfg.batch_size)  # 0, 1: ds is the share
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     f, y, t0 = [], [], time.perf_counter()
     bar = tqdm(loader, desc=f"{name} {role}", disable=True if rank else None)  # None: no bar in a log file
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         for x, labels in bar:
-            x = (x.to(device, non_blocking=True).float() / 255 - m) / s  # the weights' own mean and std
+            x = mvi.normalize(x.to(device, non_blocking=True), mean=mean, std=std)  # the weights' own
             f.append(embed(model, x).float())  # (B, F), left on the device: no sync per batch
             y.append(labels)
     f, y, skipped = gather_rows([b.cpu() for b in f], y, loader.dataset.skipped.value, rank, world)
@@ -179,8 +177,7 @@ def features(cfg, model, mean, std, ident, name, role, device, rank, world) -> s
         print0(f"{name} {role}: {skipped} unreadable image(s), each replaced by the next readable one")
     f = f.half() if f.abs().max() < 6e4 else f  # fp16 halves the cache (ImageNet, ViT-L: 5.2 GB)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(dict(features=f, labels=y.long(), key=key), path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: an interrupted run never leaves a half cache
+    mvi.write_atomic(dict(features=f, labels=y.long(), key=key), path)  # never a half cache
     seconds = time.perf_counter() - t0
     print0(f"{name} {role}: extracted {tuple(f.shape)} features in {seconds:.0f} s -> {path}")
     return path
@@ -307,9 +304,7 @@ def main(cfg: Config):
         paths[name] = [features(cfg, model, mean, std, ident, name, role, device, rank, world)
                        for role in ("train", "val")]
         timings[name] = dict(features_s=round(time.perf_counter() - t0, 1))
-    if ddp:
-        time.sleep(0.1)  # torch < 2.14: lets gloo's threads release their finished work (else a hang at exit)
-        dist.destroy_process_group()  # no collective after this: ranks 1.. end while rank 0 trains the heads
+    mvi.close_distributed(ddp)  # no collective after this: ranks 1.. end while rank 0 trains the heads
     if rank != 0:
         return None
 

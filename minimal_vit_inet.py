@@ -246,9 +246,9 @@ def gaussian_blur(x, sigma, size=23):
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def normalize(x: torch.Tensor, scale: float = 255.0) -> torch.Tensor:
-    """uint8 (B, 3, H, W), or floats in [0, 1] with scale=1 -> normalised with ImageNet's mean and std."""
-    mean, std = channel_constant(IMAGENET_MEAN, x.device), channel_constant(IMAGENET_STD, x.device)
+def normalize(x: torch.Tensor, scale: float = 255.0, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (B, 3, H, W), or floats in [0, 1] with scale=1 -> normalised with mean and std (ImageNet's)."""
+    mean, std = channel_constant(tuple(mean), x.device), channel_constant(tuple(std), x.device)
     return (x.float() / scale - mean) / std
 
 
@@ -402,7 +402,7 @@ def main(cfg: Config):
         return export_checkpoint(cfg.export)
     ddp, rank, world, device = setup_distributed()
     signal.signal(signal.SIGTERM, lambda *_: STOP.update(requested=True))  # preemption: checkpoint, exit
-    ckpt_path, saved_step = claim_out_dir(cfg, rank, ddp)
+    ckpt_path, saved_step = claim_out_dir(cfg, rank, world)
     if cfg.stop_after and saved_step >= cfg.stop_after:
         print0(f"nothing to do: {ckpt_path} is at step {saved_step}, --stop_after {cfg.stop_after}")
         return
@@ -626,16 +626,16 @@ STOP = {"requested": False}  # set by SIGTERM (preemption): the loop checkpoints
 LOCK = {"fd": None}  # out_dir's open lock file; the OS releases the lock when the process dies
 
 
-def claim_out_dir(cfg: Config, rank: int, ddp: bool):
-    """Refuse, touching nothing, an out_dir that holds another run's checkpoint or is in use; rank 0 then
-    holds its lock until it exits. -> (checkpoint path, its step or 0)."""
-    world = dist.get_world_size() if ddp else 1
+def claim_out_dir(cfg: Config, rank: int, world: int):
+    """Refuse, touching nothing, a batch that does not split over the ranks, and an out_dir that holds another
+    run's checkpoint or is in use; rank 0 then holds its lock until it exits. -> (checkpoint path, its step
+    or 0)."""
     if cfg.batch_size % world:
         sys.exit(f"error: --batch_size {cfg.batch_size} is not divisible by the world size {world}")
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     step = check_same_run(path, cfg) if os.path.exists(path) else 0
     holder = [lock_out_dir(cfg.out_dir) if rank == 0 else 0]
-    if ddp:
+    if world > 1:
         dist.broadcast_object_list(holder, src=0)  # every rank learns the holder's pid
     if holder[0]:
         sys.exit(f"error: {cfg.out_dir} is in use by another run (pid {holder[0]} holds {cfg.out_dir}/lock); "
