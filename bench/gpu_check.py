@@ -396,8 +396,20 @@ def time_parts(model, sig, batch, cfg, autocast, sz: Sizes, device) -> dict:
         for x, c, plan in views:
             mvi.colour_augment(x, c, plan)
 
+    # a candidate, not what the script does: one colour_augment call per resolution instead of one per view
+    # (2 calls, not 8: fewer kernel launches; on the 2-core CPU it is no faster, so only a GPU can decide)
+    merged = []
+    for group in (batch[0][:cfg.n_global], batch[0][cfg.n_global:]):
+        c = torch.cat([c for _, c, _ in group])
+        merged.append((torch.cat([x for x, _, _ in group]).to(device), c.to(device), mvi.colour_plan(c)))
+
+    def colour_per_resolution():
+        for x, c, plan in merged:
+            mvi.colour_augment(x, c, plan)
+
     parts = [("SIGReg fwd+bwd", sigreg_alone), ("projector + probe fwd+bwd", heads),
-             ("colour stage", colour)]
+             ("colour stage", colour), ("colour stage, one call per resolution (candidate)",
+                                        colour_per_resolution)]
     return {name: timed(fn, 2, sz.iters, device) for name, fn in parts}
 
 
@@ -443,10 +455,10 @@ def check_step(table: Table, device, sz: Sizes, jpegs, compile_limit_s: float):
         table.add(f"step, compiled (backend {sz.compile_backend})",
                   f"failed: {type(err).__name__}: {str(err)[:300]}")
 
-    for (name, seconds), key in zip(parts.items(), ("sigreg", "heads", "colour")):
+    for (name, seconds), key in zip(parts.items(), ("sigreg", "heads", "colour", "colour_per_resolution")):
         shares = [f"{100 * seconds / table.values[f'step_ms_{tag}'] * 1e3:.1f}% of the {tag} step"
                   for tag in ("eager", "compiled") if f"step_ms_{tag}" in table.values]
-        rate = f" ({cfg.batch_size / seconds:.0f} img/s)" if key == "colour" else ""
+        rate = f" ({cfg.batch_size / seconds:.0f} img/s)" if key.startswith("colour") else ""
         table.add(f"share: {name}, alone on the step's shapes",
                   f"{1e3 * seconds:.2f} ms{rate} = {', '.join(shares)}", **{f"part_ms_{key}": 1e3 * seconds})
 

@@ -41,7 +41,8 @@ def test_cpu_form_writes_every_items_rows_with_sane_values(tmp_path):
     # 2. the step, eager and compiled (the CPU form compiles with the "eager" backend: dynamo only)
     for tag in ("eager", "compiled"):
         assert v[f"host_syncs_{tag}"] == 0 and v[f"images_per_s_{tag}"] > 0, v
-    assert v["step_tflop"] > 0 and all(v[f"part_ms_{k}"] > 0 for k in ("sigreg", "heads", "colour"))
+    parts = ("sigreg", "heads", "colour", "colour_per_resolution")
+    assert v["step_tflop"] > 0 and all(v[f"part_ms_{k}"] > 0 for k in parts)
     # 3. SIGReg against the naive formula: same values
     assert all(v[f"sigreg_rel_diff_{n}"] < 1e-4 and v[f"naive_ms_{n}"] > 0 for n in (256, 1024))
     # 4. the data path
