@@ -38,7 +38,8 @@ def _full_precision(x):  # bf16/fp16 -> fp32; fp32 and fp64 stay as they are
 
 
 class _ProjectedECF(torch.autograd.Function):
-    """ecf of the columns of x @ slices at knots j * dt, j < M.  x: (*, N, D), slices: (D, K) -> (*, K, M, 2)."""
+    """ecf of the columns of x @ slices at knots j * dt, j < M.
+    x: (*, N, D), slices: (D, K) -> (*, K, M, 2)."""
 
     @staticmethod
     def forward(ctx, x, slices, dt, M):
@@ -105,10 +106,13 @@ class EppsPulley(nn.Module):
 
     def forward(self, x, slices=None):
         if x.ndim < 2 or x.shape[-2] < 2:
-            raise ValueError(f"EppsPulley needs input (*, N, K) with N >= 2 samples, got shape {tuple(x.shape)}")
+            raise ValueError(f"EppsPulley needs input (*, N, K) with N >= 2 samples, "
+                             f"got shape {tuple(x.shape)}")
         with torch.autocast(x.device.type, enabled=False):  # cos/sin means lose digits in bf16
             x = _full_precision(x)
-            slices = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device) if slices is None else slices.to(x.dtype)
+            if slices is None:  # the columns of x themselves
+                slices = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+            slices = slices.to(x.dtype)
             M, N = self.num_points, x.shape[-2]
             t = torch.linspace(0, self.t_max, M, dtype=x.dtype, device=x.device)  # knots t_j
             trapezoid = torch.full_like(t, 2 * self.t_max / (M - 1))  # doubled: integrand is even
@@ -138,7 +142,8 @@ class SlicingUnivariateTest(nn.Module):
 
     def slices(self, dim, device, dtype=torch.float32):
         """The (dim, K) unit directions of the next call: the same on every rank, no host sync."""
-        # tuple hashes of ints are the same in every process, and mix into the low 32 bits the CPU generator uses
+        # tuple hashes of ints are the same in every process, and they mix into the low 32 bits that the
+        # CPU generator uses
         gen = torch.Generator(device).manual_seed(hash((self.seed, self.step)) % 2**63)
         a = torch.randn(dim, self.num_slices, generator=gen, device=device, dtype=dtype)
         return a / a.norm(dim=0)
