@@ -1,9 +1,9 @@
 r"""Frozen-feature linear probe and k-NN of a LeJEPA backbone (or any timm model): ImageNet-1k top-1, and the
-seed README's transfer table (1-shot, 10-shot and all-data probes on 8 datasets, with their average).
+official README's transfer table (1-shot, 10-shot and all-data probes on 8 datasets, with their average).
 
 Sections, in reading order:
   Config                 every flag; TRANSFER, the 8 datasets of the transfer table
-  Backbone and features  the seed README's "Linear Probe Evaluation", the same for every model
+  Backbone and features  the official README's "Linear Probe Evaluation", the same for every model
   Extraction and cache   each split once, cached in --out_dir/features: a second run with other head settings
                          (--lr, --epochs, --shots, ...) extracts nothing; under torchrun each rank a share
   Evaluation             k-shot draws, LayerNorm + Linear head, DINO's weighted k-NN, the tables
@@ -79,7 +79,7 @@ class Config:
     min_steps: int = 1000  # a few-shot training set is one batch: the head still takes this many steps
     head_batch: int = 1024  # features per head step
     lr: float = 1e-3  # AdamW peak learning rate of the head
-    weight_decay: float = 1e-6  # seed README: "very small"
+    weight_decay: float = 1e-6  # official README: "very small"
     warmup_frac: float = 0.1  # fraction of the head's steps spent warming up linearly
     knn_k: int = 20  # DINO's k-NN: neighbours that vote; 0 = skip k-NN (reported as nan)
     knn_temperature: float = 0.07  # DINO: vote weight exp(cosine / T)
@@ -104,12 +104,12 @@ TRANSFER = {
 HUB = ("hf-hub:", "local-dir:")  # timm's prefixes for Hugging Face format weights (minimal_vit_inet's export)
 
 
-# ---- Backbone and features (seed README, "Linear Probe Evaluation"): frozen, the same for every model ----
+# ---- Backbone and features (official README, "Linear Probe Evaluation"): frozen, alike for every model ----
 
-def build_model(cfg: Config):
-    """-> (frozen model in eval mode, evaluation size in px, mean, std, identity for the feature cache)."""
+def build_model(cfg: Config, device):
+    """-> (frozen model on device, in eval mode; evaluation size in px, mean, std, identity for the cache)."""
     mean, std = mvi.IMAGENET_MEAN, mvi.IMAGENET_STD  # what minimal_vit_inet.normalize trains with
-    name = cfg.model
+    name, size = cfg.model, cfg.global_size or 224
     if os.path.isdir(cfg.checkpoint):  # an export folder of minimal_vit_inet.py (timm's Hugging Face format)
         name = "local-dir:" + os.path.abspath(cfg.checkpoint)
     if name.startswith(HUB) or (cfg.pretrained and not cfg.checkpoint):
@@ -127,12 +127,11 @@ def build_model(cfg: Config):
         ident = f"{os.path.abspath(cfg.checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}:{name}"
         size = cfg.global_size or train_size
     elif cfg.model == "pixels":
-        model, ident, size = nn.Flatten(), "pixels", cfg.global_size or 224  # 3 * size * size features
+        model, ident = nn.Flatten(), "pixels"  # 3 * size * size features
     else:  # random init, seeded: as minimal_vit_inet.py builds it before training
         torch.manual_seed(cfg.seed)
-        size = cfg.global_size or 224
         model, ident = mvi.build_backbone(cfg.model, size), f"timm:{cfg.model}:random:{cfg.seed}:{size}"
-    return model.eval().requires_grad_(False), size, mean, std, ident
+    return model.eval().requires_grad_(False).to(device), size, mean, std, ident
 
 
 def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +204,7 @@ def sample_shots(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 
 def train_head(x, y, x_val, y_val, num_classes: int, cfg: Config, seed: int, device) -> float:
-    """Fit LayerNorm + Linear with AdamW (seed README) on x: (N, F), y: (N,); top-1 (%) on (x_val, y_val)."""
+    """Fit LayerNorm + Linear with AdamW (official README) to x (N, F), y (N,); top-1 (%) on x_val, y_val."""
     torch.manual_seed(seed)  # head initialisation
     g = torch.Generator().manual_seed(seed)  # batch order
     x, y = x.to(device), y.to(device)
@@ -219,7 +218,7 @@ def train_head(x, y, x_val, y_val, num_classes: int, cfg: Config, seed: int, dev
             perm = torch.randperm(len(x), generator=g)
         start = step % per_epoch * batch
         i = perm[start:start + batch].to(device)
-        for group in opt.param_groups:  # seed README: warm-up then cosine (to lr / 1000), as in pretraining
+        for group in opt.param_groups:  # official README: warm-up, cosine to lr / 1000, as in pretraining
             group["lr"] = mvi.lr_at(step, steps, round(cfg.warmup_frac * steps), cfg.lr)
         loss = F.cross_entropy(head(x[i].float()), y[i])
         opt.zero_grad(set_to_none=True)
@@ -248,7 +247,7 @@ def knn_accuracy(x, y, x_val, y_val, num_classes: int, k: int, temperature: floa
 
 def evaluate(cfg, train, val, shots, device) -> dict:
     """{shots: {linear, knn, linear_std, knn_std, draws: [...]}} for one dataset's cached features."""
-    (x, y), (x_val, y_val) = train, val
+    x, y, x_val, y_val = train["features"], train["labels"], val["features"], val["labels"]
     num_classes = int(max(y.max(), y_val.max())) + 1
     out = {}
     for k in shots:
@@ -269,7 +268,7 @@ def evaluate(cfg, train, val, shots, device) -> dict:
 
 
 def format_table(results: dict, metric: str = "linear") -> str:
-    """The seed README's layout: a row per shots setting, a column per dataset, then the average.
+    """The official README's layout: a row per shots setting, a column per dataset, then the average.
     results: {dataset: {shots: {metric, metric_std, draws}}}; k-shot cells show mean ± std over draws."""
     names = list(results)
     lines = ["| shots | " + " | ".join(os.path.basename(n.rstrip("/")) for n in names) + " | avg |",
@@ -289,9 +288,8 @@ def format_table(results: dict, metric: str = "linear") -> str:
 def main(cfg: Config):
     ddp, rank, world, device = mvi.setup_distributed()
     names, shots = dataset_names(cfg.dataset), shot_values(cfg.shots)
-    model, size, mean, std, ident = build_model(cfg)
+    model, size, mean, std, ident = build_model(cfg, device)
     cfg = dataclasses.replace(cfg, global_size=size)  # resolved: mvi.eval_loader reads cfg.global_size
-    model.to(device)
     print0(f"torch {torch.__version__} | timm {timm.__version__} | datasets {datasets.__version__} | "
            f"{world} process(es) on {device.type} | extraction {'bf16' if cfg.bf16 else 'fp32'}")
     print0("config: " + json.dumps(dataclasses.asdict(cfg)))
@@ -311,16 +309,15 @@ def main(cfg: Config):
     results = {}  # 2. rank 0 alone: the heads are small
     for name in names:
         t0 = time.perf_counter()
-        caches = [torch.load(p, weights_only=True) for p in paths[name]]  # train, val
-        train, val = [(c["features"], c["labels"]) for c in caches]
+        train, val = [torch.load(p, weights_only=True) for p in paths[name]]  # each {features, labels, key}
         results[name] = evaluate(cfg, train, val, shots, device)
         t = timings[name]
         t["heads_s"] = round(time.perf_counter() - t0, 1)
         for s, r in results[name].items():
             print0(f"{name} | {s} shot(s) | linear {r['linear']:.2f} ± {r['linear_std']:.2f} | "
                    f"k-NN {r['knn']:.2f} ± {r['knn_std']:.2f} | train {r['draws'][0]['n_train']} "
-                   f"val {len(val[1])} | features {t['features_s']} s, heads {t['heads_s']} s")
-    write_outputs(cfg, ident, results, timings, feature_dim=int(train[0].shape[1]))
+                   f"val {len(val['labels'])} | features {t['features_s']} s, heads {t['heads_s']} s")
+    write_outputs(cfg, ident, results, timings, feature_dim=int(train["features"].shape[1]))
     return results
 
 
@@ -372,7 +369,7 @@ def load_checkpoint(cfg: Config):
     """(backbone with the weights of --checkpoint, its timm name, its training size in px)."""
     if not os.path.isfile(cfg.checkpoint):
         sys.exit(f"error: checkpoint {cfg.checkpoint} not found")
-    obj = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)  # ckpt.pt holds a config dict
+    obj = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)  # tensors and plain values only
     run = isinstance(obj, dict) and "backbone" in obj and "config" in obj  # ckpt.pt, else backbone.pth
     name = cfg.model or (obj["config"]["model"] if run else "")
     if not name:
