@@ -8,18 +8,19 @@ LeJEPA (Balestriero & LeCun, arXiv 2511.08544): no teacher, no stop-gradient, no
 
 Reading order: Config | 1. views | 2. model | 3. loss | 4. optimiser and schedule | 5. training step |
 6. main | then the plumbing: command line, processes and faults, data, checkpoints, logs, export.
-Measured on one H100 (README): the seed step of ViT-L/14 runs at 197 images/s (231 compiled) with no host
-sync; resnet18 on CIFAR-10, 192 s of pretraining: linear probe 54.8% against 23.9% at random init.
+Measured on one H100 (README): the official recipe's ViT-L/14 step runs at 197 images/s (231 compiled), no
+host sync; resnet18 on CIFAR-10, 192 s of pretraining: linear probe 54.8% against 23.9% at random init.
 
     # one GPU, or the CPU (single process)
-    python minimal_vit_inet.py --model vit_small_patch16_224 --batch_size 256
-    # one node, 8 GPUs: the seed recipe (global batch 512 = 64 per GPU)
+    python minimal_vit_inet.py --model vit_small_patch16_224 --local_size 96 --batch_size 256
+    # one node, 8 GPUs: the official recipe (global batch 512 = 64 per GPU)
     torchrun --nproc_per_node=8 minimal_vit_inet.py
     # two nodes through torchrun's rendezvous (run on every node)
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         --rdzv-id=lejepa minimal_vit_inet.py
     # offline: a local folder of images by class (root/train/<class>/*.jpg, optional root/validation/...)
-    python minimal_vit_inet.py --dataset /data/imagenette --model vit_small_patch16_224 --epochs 800
+    python minimal_vit_inet.py --dataset /data/imagenette --model vit_small_patch16_224 --local_size 96 \
+        --epochs 800
     # resume: the same command with the same --out_dir continues where it stopped
 ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms on the hub and `hf auth login` first.
 """
@@ -80,7 +81,7 @@ class Config:  # every field is a flag: --field value (bools: true / false)
     shuffle_buffer: int = 10_000  # streaming: images in one rank's shuffle buffers, split over its workers
     steps_per_epoch: int = 0  # 0 = dataset size // global batch (streaming: from the hub metadata)
     workers: int = 10  # DataLoader workers per rank: JPEG decoding, crops and flips happen there
-    # views (seed README table; paper ablation: 2 global + 6 local views is the sweet spot)
+    # views (official README table; paper ablation: 2 global + 6 local views is the sweet spot)
     n_global: int = 2  # global views; the invariance targets are their mean
     n_local: int = 6
     global_size: int = 224  # px
@@ -96,7 +97,7 @@ class Config:  # every field is a flag: --field value (bools: true / false)
     # loss
     lamb: float = 0.05  # lambda: weight of SIGReg in (1 - lambda) * invariance + lambda * SIGReg
     num_slices: int = 1024  # SIGReg's random directions per step (paper: 1024)
-    # optimisation (seed README: AdamW, lr 5e-4, wd 5e-2 ViT / 5e-4 ResNet, warm-up + cosine to lr/1000)
+    # optimisation (official README: AdamW, lr 5e-4, wd 5e-2 ViT / 5e-4 ResNet, warm-up + cosine to lr/1000)
     epochs: int = 100
     batch_size: int = 512  # GLOBAL images per step, split over ranks (paper ablation: 512 is best)
     lr: float = 5e-4  # peak learning rate, not scaled with the batch
@@ -122,7 +123,8 @@ class Config:  # every field is a flag: --field value (bools: true / false)
 # grayscale 0.2, Gaussian blur 0.5, solarize 0.2. DataLoader workers decode, crop, resize and flip, and draw
 # every parameter; the colour ops run batched on the training device, each image with its own draws. The
 # workers then make 7.8x to 8.2x the images/s per core of the plain torchvision v2 pipeline
-# (bench/multicrop_bench.py), and on an H100 the colour stage takes 15% of the seed step (bench/gpu_check.py).
+# (bench/multicrop_bench.py); on an H100 the colour stage takes 15% of the official recipe's step
+# (bench/gpu_check.py).
 
 class MultiCrop:
     """mc(img, g) -> [(pixels uint8 (3, S, S), colour draws (11,))] for n_global, then n_local views.
@@ -174,12 +176,16 @@ def drawing_from(g: torch.Generator):
         g.set_state(torch.get_rng_state())
 
 
+# the 11 colour draws of a view: columns 0-3 the jitter order, then these (MultiCrop.params)
+FACTORS, GRAY, SIGMA, SOLARIZE = 4, 8, 9, 10  # 4 jitter factors, grayscale 0|1, blur sigma, solarize 0|1
+
+
 def colour_plan(colour: torch.Tensor):
     """The images each colour op applies to, from the draws (N, 11), computed in the DataLoader worker:
     (indices, sizes) of 18 groups (jitter slot 0..3 x op 0..3, grayscale, blur). Sent with the batch, it
     spares the device 18 nonzero() calls per view, each a host sync."""
     groups = [colour[:, slot] == k for slot in range(4) for k in range(4)]
-    groups += [colour[:, 8] > 0, colour[:, 9] > 0]
+    groups += [colour[:, GRAY] > 0, colour[:, SIGMA] > 0]
     indices = [g.nonzero().squeeze(1) for g in groups]
     return torch.cat(indices), [len(i) for i in indices]
 
@@ -187,22 +193,23 @@ def colour_plan(colour: torch.Tensor):
 def colour_augment(x: torch.Tensor, colour: torch.Tensor, plan=None) -> torch.Tensor:
     """uint8 views (N, 3, H, W) and their draws (N, 11) -> float, augmented and normalised. Each op runs on
     the images that drew it (indexing: torch.where over the batch made the stage 3.7x slower on the CPU);
-    each follows torchvision's float kernel with a per-image argument. Nothing here waits for the device."""
+    each follows torchvision's float kernel with a per-image argument. Given the plan (collate_views makes
+    it), nothing here waits for the device."""
     indices, sizes = plan if plan is not None else colour_plan(colour.cpu())
     groups = indices.to(x.device, non_blocking=True).split(sizes)  # split by host ints: no sync
     x = x.float() / 255
-    c = colour.view(-1, 11, 1, 1)
-    jitter = [lambda x, f: blend(x, 0.0, f),  # brightness, contrast, saturation, hue
-              lambda x, f: blend(x, grayscale(x).mean((2, 3), keepdim=True), f),
-              lambda x, f: blend(x, grayscale(x), f), adjust_hue]
+    c = colour.view(-1, 11, 1, 1)  # broadcasts over channels and pixels
+    jitter = [lambda img, f: blend(img, 0.0, f),  # brightness, contrast, saturation, hue; f (n, 1, 1, 1)
+              lambda img, f: blend(img, grayscale(img).mean((2, 3), keepdim=True), f),
+              lambda img, f: blend(img, grayscale(img), f), adjust_hue]
     for slot in range(4):  # each image's 4 jitter ops in its own random order
         for k, op in enumerate(jitter):
             i = groups[4 * slot + k]  # the images whose op in this slot is k
-            x[i] = op(x[i], c[i, 4 + k:5 + k])
+            x[i] = op(x[i], c[i, FACTORS + k:FACTORS + k + 1])
     gray, blur = groups[16], groups[17]
     x[gray] = grayscale(x[gray]).expand(-1, 3, -1, -1)
-    x[blur] = gaussian_blur(x[blur], colour[blur, 9])
-    x = torch.where((c[:, 10:11] > 0) & (x >= 128 / 255), 1 - x, x)  # solarize at 128 of 255
+    x[blur] = gaussian_blur(x[blur], colour[blur, SIGMA])
+    x = torch.where((c[:, SOLARIZE:SOLARIZE + 1] > 0) & (x >= 128 / 255), 1 - x, x)  # at 128 of 255
     return normalize(x, scale=1.0)
 
 
@@ -229,8 +236,8 @@ def adjust_hue(x, shift):
 
 
 def gaussian_blur(x, sigma, size=23):
-    """Per-image Gaussian blur, 23 taps as the seed's GaussianBlur, reflect padding; sigma 0 leaves the image
-    as it is. x (N, C, H, W), sigma (N,)."""
+    """Per-image Gaussian blur, 23 taps as the official recipe's GaussianBlur, reflect padding; sigma 0 leaves
+    the image as it is. x (N, C, H, W), sigma (N,)."""
     N, C, H, W = x.shape
     if N == 0:
         return x
@@ -259,7 +266,8 @@ def channel_constant(values: tuple, device: torch.device) -> torch.Tensor:
 
 
 def eval_transform(img: Image.Image, generator=None, size: int = 224) -> torch.Tensor:
-    """The usual evaluation view, uint8: short side to size / 0.875, centre crop. (MultiCrop's signature.)"""
+    """The usual evaluation view, uint8: short side to size / 0.875, centre crop. generator is unused: the
+    call is MultiCrop's, so ViewsDataset serves both."""
     img = TF.resize(img.convert("RGB"), int(size / 0.875), interpolation=TF.InterpolationMode.BICUBIC)
     return TF.pil_to_tensor(TF.center_crop(img, [size, size]))
 
@@ -290,8 +298,7 @@ class LeJEPA(nn.Module):
 
     def forward(self, views: list, n_global: int):
         """V views (N, 3, H, W), globals first -> emb (V, N, D), proj (V, N, P), probe logits (G, N, C) or
-        None. The probe is evaluated on centre crops at the global size, so it learns from the global views
-        (trained on every view, the small local crops included, it trailed the frozen-feature probe)."""
+        None. The probe learns from the global views only: it is evaluated on centre crops at that size."""
         V, N = len(views), views[0].shape[0]
         groups = [views[:n_global], views[n_global:]]  # one backbone call per resolution
         emb = torch.cat([self.backbone(torch.cat(g)) for g in groups if g])  # (V * N, D)
@@ -340,13 +347,15 @@ def param_groups(model: LeJEPA, weight_decay: float, probe_wd: float):
 
 def build_training(cfg: Config, num_classes: int, device: torch.device):
     """-> (model, SIGReg, AdamW, peak lr of each parameter group)."""
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    torch.manual_seed(cfg.seed)  # initial weights given by --seed (DDP then copies rank 0's to the others)
     backbone = build_backbone(cfg.model, cfg.global_size, cfg.drop_path)
-    # channels_last: convolutions 1.3x faster on the CPU (resnet18), and PyTorch's advice on GPUs
     model = LeJEPA(backbone, cfg.proj_hidden, cfg.proj_dim, num_classes)
+    # channels_last: convolutions 1.3x faster on the CPU (resnet18), and PyTorch's advice on GPUs
     model = model.to(device, memory_format=torch.channels_last)
+    if cfg.compile:
+        backbone.compile()  # in place: the state_dict keys stay those of the plain timm model
     sigreg = SIGReg(num_slices=cfg.num_slices, seed=cfg.seed).to(device)
-    # seed README: 5e-2 for ViTs (models with a patch embedding), 5e-4 for ResNets (and other convnets)
+    # official README: 5e-2 for ViTs (models with a patch embedding), 5e-4 for ResNets (and other convnets)
     wd = cfg.weight_decay if cfg.weight_decay >= 0 else 5e-2 if hasattr(backbone, "patch_embed") else 5e-4
     groups = param_groups(model, wd, cfg.probe_weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)  # fused: one kernel, no host sync
@@ -371,14 +380,15 @@ def train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device) -> t
         loss, inv, sig = lejepa_loss(proj, cfg.n_global, sigreg, cfg.lamb)
         probe_loss = torch.zeros((), device=device)
         if logits is not None:  # its input is detached: the probe never shapes the backbone
-            probe_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(cfg.n_global))
+            targets = labels.repeat(cfg.n_global)  # (G * N,): the logits are view-major
+            probe_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets)
     optimizer.zero_grad(set_to_none=True)
     (loss + probe_loss).backward()
     optimizer.step()
     return torch.stack([loss, inv, sig, probe_loss]).detach()
 
 
-def evaluate_probe(cfg, model, loader, device, autocast) -> float:
+def evaluate_probe(model, loader, device, autocast) -> float:
     """Top-1 of the online probe on the validation split, all ranks' shares together."""
     model.eval()
     counts = torch.zeros(2, device=device)  # correct, total: no host sync until the end
@@ -401,7 +411,7 @@ def main(cfg: Config):
     if cfg.export:
         return export_checkpoint(cfg.export)
     ddp, rank, world, device = setup_distributed()
-    signal.signal(signal.SIGTERM, lambda *_: STOP.update(requested=True))  # preemption: checkpoint, exit
+    signal.signal(signal.SIGTERM, lambda *_: STOP.set())  # preemption: checkpoint, then exit
     ckpt_path, saved_step = claim_out_dir(cfg, rank, world)
     if cfg.stop_after and saved_step >= cfg.stop_after:
         print0(f"nothing to do: {ckpt_path} is at step {saved_step}, --stop_after {cfg.stop_after}")
@@ -410,8 +420,6 @@ def main(cfg: Config):
     model, sigreg, optimizer, base_lrs = build_training(cfg, data.num_classes, device)
     seed_rank(cfg.seed, rank)  # from here each rank draws its own (stochastic depth, streamed views)
     start = load_checkpoint(ckpt_path, model, optimizer, sigreg) if os.path.exists(ckpt_path) else 0
-    if cfg.compile:
-        model.backbone.compile()  # in place: the state_dict keys stay those of the plain timm model
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     total, warmup = cfg.epochs * data.steps_per_epoch, round(cfg.warmup_epochs * data.steps_per_epoch)
@@ -424,9 +432,9 @@ def main(cfg: Config):
     for step in range(start, total + 1):
         last_step = step == total
         epoch, offset = divmod(step, data.steps_per_epoch)
-        if step > start and (offset == 0 or last_step):
-            acc = end_epoch(cfg, model, data, device, autocast, step, epoch - (offset == 0), log)
-        if step > start and (offset == 0 or step % cfg.save_every == 0 or last_step):
+        if step > start and offset == 0:  # the step before ended an epoch (total: a whole number of epochs)
+            acc = end_epoch(model, data, device, autocast, step, epoch - 1, log)
+        if step > start and (offset == 0 or step % cfg.save_every == 0):
             guard.check(ddp, step)  # never checkpoint weights that a non-finite loss touched
             checkpointer.save(model, optimizer, sigreg, step, cfg)
         if last_step:
@@ -436,24 +444,25 @@ def main(cfg: Config):
                                     rank, world, data.per_rank, data.steps_per_epoch, data.num_classes)
         lrs = [lr_at(step, total, warmup, base, cfg.final_lr_div) for base in base_lrs]
         terms = train_step(train_model, optimizer, sigreg, next(batches), lrs, cfg, autocast, device)
-        guard.update(step + 1, terms)  # on the device: read back at the log interval
+        done = step + 1  # steps completed
+        guard.update(done, terms)  # on the device: read back at the log interval
         bar.update(1)
-        stopping = cfg.stop_after and step + 1 >= cfg.stop_after
-        if (step + 1) % cfg.log_every == 0 or step == start or stopping:
-            sigterm = log_step(cfg, step + 1, epoch, terms, lrs, clock, guard, ddp, data, bar, log)
+        stopping = cfg.stop_after and done >= cfg.stop_after
+        if done % cfg.log_every == 0 or step == start or stopping:
+            sigterm = log_step(cfg, done, epoch, terms, lrs, clock, guard, ddp, data, bar, log)
             if sigterm or stopping:
-                stop_early(cfg, checkpointer, model, optimizer, sigreg, step + 1, sigterm)
+                stop_early(cfg, checkpointer, model, optimizer, sigreg, done, sigterm)
                 break
     bar.close()
-    checkpointer.wait()
-    finish(cfg, model, data, device, step if last_step else step + 1, log, ddp, acc, export=last_step)
+    checkpointer.wait()  # its step is now the model's: total, or where the run stopped early
+    finish(cfg, model, data, device, checkpointer.step, log, ddp, acc, export=last_step)
 
 
-def end_epoch(cfg, model, data, device, autocast, step, epoch, log):
+def end_epoch(model, data, device, autocast, step, epoch, log):
     """Evaluate the online probe (when there is a validation split) and log it."""
     acc = None
     if data.val_loader is not None:
-        acc = evaluate_probe(cfg, model, data.val_loader, device, autocast)
+        acc = evaluate_probe(model, data.val_loader, device, autocast)
     print0(f"epoch {epoch} done | step {step}" + (f" | probe top-1 {acc:.4f}" if acc is not None else ""))
     if log:
         log(dict(step=step, epoch=epoch, probe_acc=acc))
@@ -514,7 +523,7 @@ def parse_config(argv=None) -> Config:
     """argparse generated from the dataclass, then every check that can fail before heavy work."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
-        if f.type in (bool, "bool"):
+        if f.type is bool:
             p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
         elif "tuple" in str(f.type):  # the crop scales: two numbers
             p.add_argument(f"--{f.name}", type=float, nargs=2, default=f.default)
@@ -549,7 +558,20 @@ def parse_config(argv=None) -> Config:
     for ok, msg in checks:
         if not ok:
             sys.exit(f"error: {msg}")
+    patch = patch_size(cfg.model)
+    if cfg.global_size % patch or cfg.local_size % patch:
+        glob, loc = [round(s / patch) * patch for s in (cfg.global_size, cfg.local_size)]  # nearest multiples
+        sys.exit(f"error: {cfg.model} cuts images into {patch} px patches: --global_size {cfg.global_size} "
+                 f"and --local_size {cfg.local_size} must be multiples of {patch}, e.g. {glob} and {loc}")
     return cfg
+
+
+def patch_size(model: str) -> int:
+    """A ViT's patch size in px (views must be multiples of it), 1 for a convnet. Built on the meta device:
+    no memory, a tenth of a second for ViT-L."""
+    with torch.device("meta"):
+        backbone = build_backbone(model)
+    return backbone.patch_embed.patch_size[0] if hasattr(backbone, "patch_embed") else 1
 
 
 # --- Processes and faults. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain `python` runs one process.
@@ -590,9 +612,10 @@ def run(main, *args):
     except BaseException as err:  # KeyboardInterrupt and SystemExit too
         code = 1
         if isinstance(err, SystemExit):
-            code = err.code if isinstance(err.code, int) else (err.code is not None)
-            if isinstance(err.code, str):
-                print(err.code, file=sys.stderr)
+            code = err.code or 0  # sys.exit(), sys.exit(2), or sys.exit("error: ...")
+            if isinstance(code, str):  # one write, newline included: ranks' lines never interleave
+                sys.stderr.write(code + "\n")
+                code = 1
         else:
             rank = os.environ.get("RANK")
             print(f"error on rank {rank}:" if rank else "error:", file=sys.stderr)
@@ -610,8 +633,9 @@ def exit_with_launcher(poll_s: float = 1.0):
     def watch():
         while os.getppid() == launcher:  # re-parented once the launcher is gone
             time.sleep(poll_s)
-        print(f"error: rank {os.environ.get('RANK')}: torchrun (pid {launcher}) is gone; exiting",
-              file=sys.stderr, flush=True)
+        rank = os.environ.get("RANK")
+        sys.stderr.write(f"error: rank {rank}: torchrun (pid {launcher}) is gone; exiting\n")
+        sys.stderr.flush()
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="launcher-watch").start()
@@ -622,7 +646,7 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-STOP = {"requested": False}  # set by SIGTERM (preemption): the loop checkpoints and exits
+STOP = threading.Event()  # set by SIGTERM (preemption): the loop checkpoints and exits
 LOCK = {"fd": None}  # out_dir's open lock file; the OS releases the lock when the process dies
 
 
@@ -685,7 +709,7 @@ class Guard:
 
     def check(self, ddp: bool, step: int) -> bool:
         """True when a SIGTERM reached any rank; exits with one line when any rank saw a non-finite loss."""
-        flags = torch.stack([self.first_bad[0], self.first_bad.new_full((), float(STOP["requested"]))])
+        flags = torch.stack([self.first_bad[0], self.first_bad.new_full((), float(STOP.is_set()))])
         if ddp:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad_step, stop = flags.tolist()
@@ -703,11 +727,11 @@ class Guard:
 
 
 def params_in_sync(model: nn.Module) -> bool:
-    """Every rank holds bit-identical parameters: per-tensor sums and sums of squares, gathered."""
-    sums = [torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()]
-    check = torch.stack(sums)  # (parameters, 2)
+    """The ranks' parameters agree: per-tensor checksums (sum, sum of squares, in float64), gathered."""
     if not dist.is_initialized():
         return True
+    sums = [torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()]
+    check = torch.stack(sums)  # (parameters, 2)
     gathered = [torch.empty_like(check) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, check)
     return all(torch.equal(gathered[0], g) for g in gathered)
@@ -730,6 +754,9 @@ def load_data(cfg: Config, rank: int, world: int):
     if cfg.num_classes and found > cfg.num_classes:
         sys.exit(f"error: --num_classes {cfg.num_classes} is too few: the labels of {cfg.dataset} "
                  f"({label_col!r}) go up to {found - 1}; pass --num_classes {found} or leave it at 0 (auto)")
+    if cfg.num_classes and not label_col:
+        sys.exit(f"error: --num_classes {cfg.num_classes}, but {cfg.dataset} has no label column for the "
+                 f"probe; pass --label_column, or leave --num_classes at 0")
     num_classes = cfg.num_classes or found
     if label_col and not num_classes:
         sys.exit(f"error: cannot count the classes of the streamed {cfg.dataset} (no ClassLabel); "
@@ -767,7 +794,9 @@ def load_split(dataset: str, split: str, config: str = "", streaming: bool = Fal
         if is_dir and os.path.exists(os.path.join(dataset, "dataset_dict.json")):
             ds = datasets.load_from_disk(dataset)[split]  # a DatasetDict written by save_to_disk
         elif is_dir and os.path.exists(os.path.join(dataset, "dataset_info.json")):
-            return datasets.load_from_disk(dataset) if split == "train" else None  # one saved split
+            ds = datasets.load_from_disk(dataset)  # one saved split: it answers to its name (none: "train")
+            if split != str(ds.split or "train"):
+                raise KeyError(split)
         elif is_dir:
             ds = datasets.load_dataset("imagefolder", data_dir=dataset, split=split, streaming=streaming,
                                        **prepare)
@@ -781,7 +810,7 @@ def load_split(dataset: str, split: str, config: str = "", streaming: bool = Fal
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as err:
         sys.exit(f"error: {dataset}: {hub_error(dataset, config, split, err)}")
     if streaming and isinstance(ds, datasets.Dataset):
-        ds = ds.to_iterable_dataset(num_shards=64)  # local data, streamed like the hub
+        ds = ds.to_iterable_dataset(num_shards=min(64, len(ds)))  # local data, streamed like the hub
     return ds
 
 
@@ -799,7 +828,7 @@ def hub_error(dataset: str, config: str, split: str, err: Exception) -> str:
         return f"no such dataset on the hub, or no access to it ({text}); check the id (owner/name)"
     if "BuilderConfig" in text:
         return f"no config {config!r} ({text}); pass --dataset_config with one of those"
-    if "split" in text:
+    if "split" in text or isinstance(err, KeyError):  # KeyError: a split a save_to_disk folder lacks
         return f"no split {split!r} ({text})"
     return text
 
@@ -848,8 +877,8 @@ def skip_bad_image(counter, index, err):
     """Count (in a counter shared by the DataLoader workers) and report an image that cannot be used."""
     with counter.get_lock():
         counter.value += 1
-    print(f"warning: skipped unreadable image #{index}: {type(err).__name__}: {err}", file=sys.stderr,
-          flush=True)
+    sys.stderr.write(f"warning: skipped unreadable image #{index}: {type(err).__name__}: {err}\n")
+    sys.stderr.flush()
 
 
 class ViewsDataset(torch.utils.data.Dataset):
@@ -961,13 +990,9 @@ def checkpoint_state(model: LeJEPA, optimizer, sigreg, step: int, cfg: Config) -
 
 def write_atomic(obj, path: str):
     tmp = path + ".tmp"  # same folder: os.replace is atomic, a crash never leaves half a file
-    with open(tmp, "wb") as f:  # opened here: the OS's own error text on every torch version
+    with open(tmp, "wb") as f:  # open() ourselves: a bad path raises the OS's error on every torch version
         torch.save(obj, f)
     os.replace(tmp, path)
-
-
-def save_checkpoint(path: str, model: LeJEPA, optimizer, sigreg, step: int, cfg: Config):
-    write_atomic(checkpoint_state(model, optimizer, sigreg, step, cfg), path)
 
 
 class Checkpointer:
@@ -988,10 +1013,11 @@ class Checkpointer:
             self.thread.start()
 
     def snapshot(self, state: dict) -> dict:
-        """state with its tensors copied into the kept buffers (fresh ones: 2.2x the time, page faults)."""
+        """state with its tensors copied into the kept buffers (fresh buffers made a save 2.2x slower)."""
         leaves, spec = pytree.tree_flatten(state)
         tensors = [t for t in leaves if torch.is_tensor(t)]
-        if [(b.shape, b.stride()) for b in self.buffers] != [(t.shape, t.stride()) for t in tensors]:
+        layout = [(t.shape, t.stride(), t.dtype) for t in tensors]
+        if [(b.shape, b.stride(), b.dtype) for b in self.buffers] != layout:
             # empty_like keeps the strides: fused AdamW reads its state in the parameters' layout
             self.buffers = [torch.empty_like(t, device="cpu", pin_memory=t.is_cuda) for t in tensors]
         for b, t in zip(self.buffers, tensors):
@@ -1039,7 +1065,7 @@ def check_same_run(path: str, cfg: Config) -> int:
 
 
 def load_checkpoint(path: str, model: LeJEPA, optimizer, sigreg) -> int:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file (it holds the config)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model.backbone.load_state_dict(ckpt["backbone"])
     model.projector.load_state_dict(ckpt["projector"])
     if model.probe is not None and ckpt["probe"] is not None:
@@ -1160,7 +1186,7 @@ cfg = timm.data.resolve_data_config({{}}, model=model)  # the resize, crop and n
 
 def export_checkpoint(path: str):
     """--export: the export folder of any ckpt.pt, written beside it."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file (it holds the config)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     backbone = build_backbone(ckpt["config"]["model"], ckpt["config"]["global_size"])
     backbone.load_state_dict(ckpt["backbone"])
     export_for_hub(backbone, ckpt["config"], ckpt["step"], os.path.join(os.path.dirname(path), "export"))

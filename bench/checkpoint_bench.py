@@ -1,5 +1,5 @@
 """What a checkpoint costs the training loop at the paper recipe's size: ViT-L/14 + projector + probe + AdamW
-state (about 3.7 GB), written by minimal_vit_inet.py's own code, synchronously (save_checkpoint) against the
+state (about 3.7 GB), written by minimal_vit_inet.py's own code, synchronously (write_atomic) against the
 script's Checkpointer (a copy to CPU memory, then a background thread writes it). Prints both stalls, their
 ratio, and what each costs a paper-recipe run (100 epochs x 2502 steps, --save_every 1000 + one per epoch) at
 an assumed step time (no GPU figure yet: pass the measured one with --step_s).
@@ -53,7 +53,7 @@ def main():
     ckpt = mvi.Checkpointer(path, 0, writer=True)
     for _ in range(args.repeats + 1):  # the first save allocates the Checkpointer's buffers: not counted
         t0 = time.perf_counter()
-        mvi.save_checkpoint(path, model, optimizer, sigreg, 1, cfg)
+        mvi.write_atomic(mvi.checkpoint_state(model, optimizer, sigreg, 1, cfg), path)
         sync.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         ckpt.save(model, optimizer, sigreg, 1, cfg)
@@ -72,7 +72,7 @@ def main():
     first, s, a = stall[0], min(sync[1:]), min(stall[1:])
     print(f"checkpoint {size / 1e9:.2f} GB ({args.model} + projector + probe + AdamW) | torch {torch.__version__} | "
           f"{torch.get_num_threads()} threads | best of {args.repeats}")
-    print(f"synchronous save_checkpoint : stall {s:6.2f} s")
+    print(f"synchronous write_atomic    : stall {s:6.2f} s")
     print(f"Checkpointer (copy + thread): stall {a:6.2f} s ({a / s:.2f}x; {first:.2f} s at the first save, which "
           f"allocates the buffers), write in the background {min(write[1:]):.2f} s, loop meanwhile at "
           f"{min(during[1:]):.2f}x its speed")

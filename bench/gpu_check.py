@@ -5,7 +5,7 @@ one table, also written to --out (gpu_check.md, gpu_check.json, and the logs of 
   1. correctness on the device: SIGReg's value and gradient in fp32 against float64 on the CPU (same
      input, same slices); SIGReg under bf16 autocast against fp32; colour_augment on the device against
      the CPU, on a batch made by collate_views (so the colour plan path is used);
-  2. the seed recipe's step on one GPU: ViT-L/14 built by build_training (fused AdamW, channels_last),
+  2. the official recipe's step on one GPU: ViT-L/14 built by build_training (fused AdamW, channels_last),
      64 images of 2 x 224 + 6 x 98 px views, bf16 autocast, minimal_vit_inet.train_step, eager and compiled
      (model.backbone.compile(), skipped when its warm-up passes --compile_limit_s): images/s, MFU (the
      step's FLOPs counted once by FlopCounterMode, over the card's dense bf16 peak), peak memory, host
@@ -93,7 +93,7 @@ from sigreg_bench import naive_sigreg, saved_bytes  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
-# Sizes: the GPU form measures the seed recipe; the CPU form runs the same code small
+# Sizes: the GPU form measures the official recipe; the CPU form runs the same code small
 
 @dataclass
 class Sizes:
@@ -131,7 +131,7 @@ CPU_SIZES = Sizes(model="vit_tiny_patch16_224", images=8, global_size=32, local_
 # resnet18 because bench/quality_cifar10.py trains it on the CPU (47.2% linear after 30 minutes, 23.8% at
 # random init): the GPU figures compare with those. timm's ViTs would cut a 32 px image into 2 x 2 patches
 # of 16 px. The views and lr are that bench's (2 x 32 + 4 x 16 px, lr 2e-3: a short run wants a higher rate
-# than the seed's 5e-4 for 100 epochs); the batch is the seed's 512, the projector its 2048-wide default.
+# than the official 5e-4 for 100 epochs); the batch is the official recipe's 512, the projector its 2048-wide default.
 # Another backbone: --e2e_model (e.g. resnet50, which might learn more in the same loader-bound time).
 E2E = dict(model="resnet18", global_size=32, local_size=16, n_local=4, lr=2e-3)
 PEAK_BF16 = {"H100 SXM": 989.4e12, "H100 PCIe": 756e12, "H200": 989.4e12}  # dense, datasheets
@@ -260,7 +260,7 @@ def decode(jpeg: bytes) -> Image.Image:
 
 
 def step_config(sz: Sizes) -> mvi.Config:
-    """The seed recipe's settings for one GPU's share of the batch (64 of 512 images), at sz's sizes."""
+    """The official recipe's settings for one GPU's share of the batch (64 of 512 images), at sz's sizes."""
     return mvi.Config(model=sz.model, global_size=sz.global_size, local_size=sz.local_size, n_global=2,
                       n_local=6, batch_size=sz.images, num_slices=sz.slices, bf16=True)
 
@@ -353,7 +353,7 @@ def check_correctness(table: Table, device, sz: Sizes, jpegs):
 
 
 # -----------------------------------------------------------------------------
-# 2. The seed recipe's training step on one GPU
+# 2. The official recipe's training step on one GPU
 
 def measure_step(table: Table, tag: str, step, flops: float, images: int, sz: Sizes, device):
     """Images/s, MFU and peak memory over sz.iters steps, then the host syncs of one more step."""
@@ -714,7 +714,7 @@ def main():
         print(f"    ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     item(1, "correctness on the device", check_correctness, device, sz, jpegs)
-    item(2, "the seed recipe's step on one GPU", check_step, device, sz, jpegs, args.compile_limit_s)
+    item(2, "the official recipe's step on one GPU", check_step, device, sz, jpegs, args.compile_limit_s)
     item(3, "SIGReg against the naive formula", check_sigreg_cost, device, sz)
     try:
         cifar = find_cifar(args.cifar, work) if {4, 5} & set(args.sections) else None

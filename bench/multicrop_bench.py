@@ -1,7 +1,7 @@
 """Multi-crop loading speed: MultiCrop of minimal_vit_inet.py against the straightforward torchvision pipeline.
 
 Both sides start from JPEG bytes (decode included) and make all 2 + 6 views of every photo in
-../shared/data/photos/*.jpg; same augmentation table (seed README), side by side in one run:
+../shared/data/photos/*.jpg; same augmentation table (official README), side by side in one run:
   baseline : PIL decode, then one torchvision.transforms.v2.Compose per view type (RandomResizedCrop,
              flip, ColorJitter p0.8, grayscale p0.2, GaussianBlur(23, (0.1, 2)) p0.5, solarize p0.2,
              ToImage, ToDtype(float32, scale=True), Normalize): float32 views leave the worker

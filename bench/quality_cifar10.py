@@ -10,7 +10,7 @@ Target: pretrained >= random init + 20 points, and above raw pixels (about 40%).
 
 CPU choices (2 cores): a ViT at 32 px learns nothing in 30 minutes (about 30 img/s), so the backbone is timm's
 resnet18 at 32 px with 2 global (32 px) + 4 local (16 px) views, batch 128, and a 512-wide projector (the
-2048-wide default costs as much as the backbone at this size); lr 2e-3 (the seed's 5e-4 suits 100 epochs, not
+2048-wide default costs as much as the backbone at this size); lr 2e-3 (the official 5e-4 suits 100 epochs, not
 one or two) and one DataLoader worker (two took CPU from the training step: 35 against 42 img/s). The step
 count is derived from the budget: a 10-step calibration run measures img/s first, then the steps fill the
 rest of the budget, spread over as few epochs as hold them, with one warm-up + cosine schedule.
@@ -52,7 +52,7 @@ class Config:
     n_local: int = 4  # local views (+ 2 global): 6 views per image
     batch_size: int = 128  # images per step
     proj_hidden: int = 512  # projector width (see the docstring)
-    lr: float = 2e-3  # 4x the seed's 5e-4: a one-epoch run (see the docstring)
+    lr: float = 2e-3  # 4x the official 5e-4: a one-epoch run (see the docstring)
     workers: int = 1  # DataLoader workers (1 beat 2 on 2 cores: the training step needs both)
     calib_steps: int = 10  # steps of the throughput calibration run
     threads: int = 0  # > 0: OMP_NUM_THREADS of every child (on a shared machine 1 beat 2 contended threads 4x)

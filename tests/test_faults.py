@@ -68,7 +68,7 @@ def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, data):
 
 
 def test_sigkill_while_writing_checkpoints_never_leaves_a_broken_one(tmp_path):
-    """A process writes checkpoints back to back (each a few MB, via the script's own save_checkpoint);
+    """A process writes checkpoints back to back (each a few MB, via the script's own checkpoint_state and write_atomic);
     SIGKILL lands at random moments, mostly mid-write: the file on disk always loads, whole."""
     script = f"""
 import sys, torch
@@ -79,7 +79,7 @@ model = mvi.LeJEPA(mvi.build_backbone("resnet18"), 256, 32)
 opt = torch.optim.AdamW(model.parameters())
 cfg = mvi.Config()
 for step in range(1, 10**6):
-    mvi.save_checkpoint({str(tmp_path / "ckpt.pt")!r}, model, opt, SIGReg(8), step, cfg)
+    mvi.write_atomic(mvi.checkpoint_state(model, opt, SIGReg(8), step, cfg), {str(tmp_path / "ckpt.pt")!r})
     print(step, flush=True)
 """
     rng = random.Random(0)
@@ -206,7 +206,8 @@ def test_out_dir_of_another_run_is_refused_and_untouched(tmp_path, change):
     cfg = mvi.parse_config(TINY + ["--out_dir", str(out)])
     model = mvi.LeJEPA(mvi.build_backbone(cfg.model, cfg.global_size), cfg.proj_hidden, cfg.proj_dim)
     from sigreg import SIGReg
-    mvi.save_checkpoint(str(out / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()), SIGReg(8), 5, cfg)
+    state = mvi.checkpoint_state(model, torch.optim.AdamW(model.parameters()), SIGReg(8), 5, cfg)
+    mvi.write_atomic(state, str(out / "ckpt.pt"))
     (out / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 1.0}) + "\n")
     before = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()}
     # the dataset is an empty folder: had the script gone on to load it, it would fail with another error
@@ -318,6 +319,32 @@ def test_unreachable_hub_ends_every_rank_with_one_line(tmp_path):
     r = subprocess.run(probe, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode != 0 and last.startswith("error: pets (timm/oxford-iiit-pet): cannot reach"), r.stderr[-2000:]
+
+
+def test_an_error_line_is_written_in_one_piece(monkeypatch):
+    """Ranks share one stderr: print() writes the text, then the newline, so two ranks' lines could run together
+    (seen once in CI: "...cached copyerror: ...", one line where the test above expects two). run() writes each
+    sys.exit line in one write, the newline included."""
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):  # os._exit, without ending the test process
+        raise Exited(code)
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    with pytest.raises(Exited) as e:
+        mvi.run(sys.exit, "error: something one line says")
+    assert writes == ["error: something one line says\n"] and e.value.args == (1,)
 
 
 def test_hub_messages_say_what_to_do():

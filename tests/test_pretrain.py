@@ -168,7 +168,7 @@ def test_compiled_backbone_does_not_recompile_after_the_first_epoch(tmp_path, da
         batches = mvi.train_batches(cfg, ds, views, epoch, 0, 0, 1, 16, 3)
         for batch in batches:
             mvi.train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device)
-        assert 0 <= mvi.evaluate_probe(cfg, model, val_loader, device, autocast) <= 1
+        assert 0 <= mvi.evaluate_probe(model, val_loader, device, autocast) <= 1
         per_epoch.append(len(graphs) - before)
     torch._dynamo.reset()
     assert per_epoch[0] >= 2 and per_epoch[1:] == [0, 0], (per_epoch, graphs)
@@ -286,13 +286,26 @@ def test_bad_arguments_fail_fast_with_one_line():
                        (["--local_scale", "0.5", "0.2"], "crop scales"),
                        (["--dataset", "/no/such/folder"], "no such folder"),
                        (["--dataset", "./relative/missing"], "no such folder"),
-                       (["--epochs", "5"], "--warmup_epochs 10.0 is not shorter than --epochs 5")]:
+                       (["--epochs", "5"], "--warmup_epochs 10.0 is not shorter than --epochs 5"),
+                       (["--model", "vit_small_patch16_224"], "must be multiples of 16, e.g. 224 and 96")]:
         with pytest.raises(SystemExit) as e:
             mvi.parse_config(argv)
         assert word in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
     assert mvi.parse_config(["--dataset", "frgfm/imagenette"]).dataset == "frgfm/imagenette"  # a hub id is no path
     cfg = mvi.parse_config(["--global_scale", "0.4", "0.9", "--bf16", "false", "--lr", "1e-3"])
     assert cfg.global_scale == (0.4, 0.9) and cfg.bf16 is False and cfg.lr == 1e-3
+
+
+def test_the_commands_in_the_docstring_and_the_readme_parse():
+    """Every minimal_vit_inet.py command shown to users passes parse_config (their folders do not exist here)."""
+    text = (mvi.__doc__ + open(ROOT / "README.md").read()).replace("\\\n", " ")
+    commands = [line.split("minimal_vit_inet.py", 1)[1].split("#")[0].split() for line in text.splitlines()
+                if "minimal_vit_inet.py --" in line and "--export" not in line]
+    assert len(commands) >= 5, commands
+    for argv in commands:
+        if "--dataset" in argv and not argv[argv.index("--dataset") + 1].count("/") == 1:  # a local folder
+            del argv[argv.index("--dataset"):argv.index("--dataset") + 2]
+        mvi.parse_config(argv)  # a SystemExit here names the command's problem
 
 
 def test_a_missing_mirror_package_is_named_in_one_line(monkeypatch):
@@ -321,6 +334,15 @@ def test_load_split_and_find_columns(tmp_path, data, monkeypatch):
     datasets.DatasetDict(train=train.select(range(8))).save_to_disk(str(tmp_path / "saved"))
     saved = mvi.load_split(str(tmp_path / "saved"), "train")  # load_from_disk
     assert len(saved) == 8 and mvi.find_columns(saved) == ("image", "label")
+    # one saved split (no DatasetDict) answers to its own name, streamed too; other splits are missing
+    train.select(range(8)).save_to_disk(str(tmp_path / "one"))
+    assert len(mvi.load_split(str(tmp_path / "one"), "train")) == 8
+    assert mvi.load_split(str(tmp_path / "one"), "validation", missing_ok=True) is None
+    stream = mvi.load_split(str(tmp_path / "one"), "train", streaming=True)
+    assert isinstance(stream, datasets.IterableDataset) and len(list(stream)) == 8
+    with pytest.raises(SystemExit) as e:
+        mvi.load_split(str(tmp_path / "one"), "holdout")
+    assert "no split 'holdout'" in str(e.value)
     # no Image/ClassLabel features: common names (CIFAR-100 style, ImageNet-wds style), or flags
     img = Image.new("RGB", (8, 8))
     cifar = datasets.Dataset.from_dict({"img": [img], "fine_label": [3], "coarse_label": [1]})
@@ -350,6 +372,16 @@ def test_too_few_classes_is_refused_before_training(tmp_path, data):
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: --num_classes 2 is too few") and "go up to 3" in line, r.stderr[-2000:]
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_num_classes_without_labels_is_refused(tmp_path, data):
+    import datasets
+    images = datasets.load_dataset("imagefolder", data_dir=str(data), split="train", cache_dir=str(tmp_path))
+    datasets.DatasetDict(train=images.remove_columns("label")).save_to_disk(str(tmp_path / "unlabelled"))
+    cfg = mvi.parse_config(["--dataset", str(tmp_path / "unlabelled"), *TINY, "--num_classes", "4"])
+    with pytest.raises(SystemExit) as e:  # the probe would train on labels of -1
+        mvi.load_data(cfg, 0, 1)
+    assert "no label column" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_streaming_single_process(tmp_path, data):

@@ -1,4 +1,4 @@
-"""1. Views of minimal_vit_inet.py: MultiCrop's draws follow the seed README's augmentation table, and the
+"""1. Views of minimal_vit_inet.py: MultiCrop's draws follow the official README's augmentation table, and the
 colour stage on the device matches torchvision image by image.
 
 Probabilities are checked over many draws from fixed seeds with a 6-sigma binomial bound (cannot flake:
@@ -125,7 +125,7 @@ def test_call_applies_the_drawn_params_in_order():
 
 
 def torchvision_reference(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
-    """One image, the seed's ops one after another with torchvision's float kernels: the independent reference."""
+    """One image, the official README's ops one after another with torchvision's float kernels: the independent reference."""
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     c = colour.tolist()
     x = TF.to_dtype(x, torch.float32, scale=True)
