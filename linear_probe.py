@@ -31,6 +31,7 @@ ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms on the hub and `hf
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -114,10 +115,14 @@ def build_model(cfg: Config, device):
         name = "local-dir:" + os.path.abspath(cfg.checkpoint)
     if name.startswith(HUB) or (cfg.pretrained and not cfg.checkpoint):
         # weights with their pretrained config: its resolution (unless --global_size) and normalisation
-        model = timm.create_model(name, pretrained=True, num_classes=0)
+        try:  # dynamic_img_size: a ViT also at another --global_size than it was trained at
+            model = timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True)
+        except TypeError:  # a convnet: any size works
+            model = timm.create_model(name, pretrained=True, num_classes=0)
         data = resolve_model_data_config(model)
         mean, std, size = data["mean"], data["std"], cfg.global_size or data["input_size"][-1]
-        ident = f"timm:{name}:pretrained"
+        weights = model.pretrained_cfg  # which weights: hub repo and tag (a new default tag: new features)
+        ident = f"timm:{name}:pretrained:{weights.get('hf_hub_id')}:{weights.get('tag')}"
         if name.startswith("local-dir:"):  # a new export in the same folder must not reuse old features
             files = [os.path.join(name[len("local-dir:"):], f) for f in ("config.json", "model.safetensors")]
             ident += str([os.stat(f).st_mtime_ns for f in files if os.path.exists(f)])
@@ -136,12 +141,21 @@ def build_model(cfg: Config, device):
 
 def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x: (B, 3, H, W) normalised -> (B, F) features of the protocol."""
-    if getattr(model, "cls_token", None) is not None and hasattr(model, "forward_intermediates"):
-        # the CLS token of the last two blocks, each through the final norm, concatenated (DINO)
+    if has_cls_intermediates(model):
+        # official README: the CLS token of the last two blocks, each through the final norm, concatenated
         inter = model.forward_intermediates(x, indices=2, norm=True, return_prefix_tokens=True,
                                             output_fmt="NLC", intermediates_only=True)  # 2 x (tokens, prefix)
         return torch.cat([prefix[:, 0] for _, prefix in inter], dim=-1)  # (B, 2D)
     return model(x)  # timm with num_classes=0: mean of patch tokens (ViT without CLS), pooled map (CNN)
+
+
+def has_cls_intermediates(model: nn.Module) -> bool:
+    """A ViT with a CLS token whose blocks' outputs timm can return with their prefix tokens (not CaiT, XCiT,
+    PiT, VOLO: their forward_intermediates has no return_prefix_tokens; they get the model's own pooling)."""
+    inter = getattr(model, "forward_intermediates", None)
+    if getattr(model, "cls_token", None) is None or inter is None:
+        return False
+    return "return_prefix_tokens" in inspect.signature(inter).parameters
 
 
 # ---- Extraction and cache: each split once, every rank a share, rank 0 saves ----
@@ -163,7 +177,7 @@ def features(cfg, model, mean, std, ident, name, role, device, rank, world) -> s
     ds = split_dataset_by_node(ds, rank, world)  # map-style: contiguous shares, so rank order is row order
     loader = mvi.eval_loader(cfg, ds, image_col, label_col, 0, 1, cfg.batch_size)  # 0, 1: ds is the share
     f, y, t0 = [], [], time.perf_counter()
-    bar = tqdm(loader, desc=f"{name} {role}", disable=True if rank else None)  # None: no bar in a log file
+    bar = tqdm(loader, desc=f"{name} {role}", disable=True if rank else None)  # None: terminal only
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         for x, labels in bar:
             x = mvi.normalize(x.to(device, non_blocking=True), mean=mean, std=std)  # the weights' own
@@ -174,7 +188,7 @@ def features(cfg, model, mean, std, ident, name, role, device, rank, world) -> s
         return path
     if skipped:
         print0(f"{name} {role}: {skipped} unreadable image(s), each replaced by the next readable one")
-    f = f.half() if f.abs().max() < 6e4 else f  # fp16 halves the cache (ImageNet, ViT-L: 5.2 GB)
+    f = f.half() if f.abs().max() < 6e4 else f  # fp16 (max 65504) halves the cache (ImageNet, ViT-L: 5.2 GB)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     mvi.write_atomic(dict(features=f, labels=y.long(), key=key), path)  # never a half cache
     seconds = time.perf_counter() - t0
@@ -185,9 +199,9 @@ def features(cfg, model, mean, std, ident, name, role, device, rank, world) -> s
 def cache_path(cfg, ident, name, role, mean, std):
     """(file, key): the key lists everything the features depend on; its hash names the file."""
     split = role if name in TRANSFER else (cfg.train_split if role == "train" else cfg.val_split)
-    key = json.dumps([ident, os.path.abspath(name) if os.path.isdir(name) else name, cfg.dataset_config,
-                      cfg.dataset_revision, cfg.dataset_data_dir, split,
-                      cfg.image_column, cfg.label_column, cfg.global_size, mean, std])
+    key = json.dumps([ident, os.path.abspath(name) if os.path.isdir(name) else name, TRANSFER.get(name),
+                      cfg.dataset_config, cfg.dataset_revision, cfg.dataset_data_dir, split,
+                      cfg.image_column, cfg.label_column, cfg.global_size, mean, std, cfg.bf16])
     tag = "".join(c if c.isalnum() else "_" for c in os.path.basename(name.rstrip("/")))  # readable file name
     file = f"{tag}-{role}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
     return os.path.join(cfg.out_dir, "features", file), key
@@ -216,7 +230,7 @@ def train_head(x, y, x_val, y_val, num_classes: int, cfg: Config, seed: int, dev
     for step in range(steps):
         if step % per_epoch == 0:  # a new epoch, a new order
             perm = torch.randperm(len(x), generator=g)
-        start = step % per_epoch * batch
+        start = (step % per_epoch) * batch
         i = perm[start:start + batch].to(device)
         for group in opt.param_groups:  # official README: warm-up, cosine to lr / 1000, as in pretraining
             group["lr"] = mvi.lr_at(step, steps, round(cfg.warmup_frac * steps), cfg.lr)
@@ -250,10 +264,10 @@ def evaluate(cfg, train, val, shots, device) -> dict:
     x, y, x_val, y_val = train["features"], train["labels"], val["features"], val["labels"]
     num_classes = int(max(y.max(), y_val.max())) + 1
     out = {}
-    for k in shots:
+    for shot in shots:
         draws = []
-        for seed in range(cfg.seed, cfg.seed + (1 if k == "all" else cfg.draws)):
-            idx = slice(None) if k == "all" else sample_shots(y, k, seed)  # slice(None): every row, no copy
+        for seed in range(cfg.seed, cfg.seed + (1 if shot == "all" else cfg.draws)):
+            idx = slice(None) if shot == "all" else sample_shots(y, shot, seed)  # slice(None): no copy
             xs, ys = x[idx], y[idx]
             linear = train_head(xs, ys, x_val, y_val, num_classes, cfg, seed, device)
             knn = float("nan")  # --knn_k 0: no k-NN
@@ -261,7 +275,7 @@ def evaluate(cfg, train, val, shots, device) -> dict:
                 knn = knn_accuracy(xs, ys, x_val, y_val, num_classes, cfg.knn_k, cfg.knn_temperature, device)
             draws.append(dict(seed=seed, n_train=len(ys), linear=linear, knn=knn))
         acc = {m: torch.tensor([d[m] for d in draws], dtype=torch.float64) for m in ("linear", "knn")}
-        out[str(k)] = dict(linear=acc["linear"].mean().item(), knn=acc["knn"].mean().item(),
+        out[str(shot)] = dict(linear=acc["linear"].mean().item(), knn=acc["knn"].mean().item(),
                            linear_std=acc["linear"].std(unbiased=False).item(),  # the spread over the draws
                            knn_std=acc["knn"].std(unbiased=False).item(), draws=draws)
     return out
@@ -341,6 +355,11 @@ def parse_config(argv=None) -> Config:
         sys.exit(f"error: unknown timm model {cfg.model!r}; see timm.list_models('*vit*')")
     if not (cfg.checkpoint or cfg.model):
         sys.exit("error: pass --checkpoint (a minimal_vit_inet.py run) and/or --model (a timm name)")
+    if cfg.pretrained and (cfg.checkpoint or cfg.model == "pixels"):
+        sys.exit("error: --pretrained true loads timm's own weights for --model; it does not go with "
+                 "--checkpoint or --model pixels")
+    if cfg.draws < 1 or cfg.knn_k < 0:
+        sys.exit(f"error: --draws must be >= 1 and --knn_k >= 0, got {cfg.draws} and {cfg.knn_k}")
     return cfg
 
 

@@ -1,6 +1,7 @@
 """CPU tests of linear_probe.py on data written here (no network, nothing from ../shared).
 
 The data is test_pretrain's image folder: 4 classes told apart by colour, 40 train / 10 validation per class."""
+import dataclasses
 import json
 import math
 import subprocess
@@ -136,6 +137,33 @@ def test_probe_pretraining_checkpoint_and_exported_backbone(tmp_path, data, run)
     assert r3["all"]["linear"] == r["all"]["linear"]
 
 
+def test_timm_weights_at_another_size_and_vits_without_prefix_intermediates(tmp_path, data):
+    """Hugging Face format weights saved without dynamic_img_size (as timm's own) probe at another size; a ViT
+    whose forward_intermediates cannot return the CLS token (PiT) gets its own pooled output."""
+    import timm
+    folder = tmp_path / "plain_vit"
+    timm.models.save_for_hf(timm.create_model("vit_tiny_patch16_224", num_classes=0), str(folder))
+    r = probe("--checkpoint", folder, "--global_size", 32, "--dataset", data, "--out_dir", tmp_path / "p",
+              "--shots", "all", *FAST)[str(data)]
+    assert math.isfinite(r["all"]["linear"]) and cached(tmp_path / "p", "train")[0]["features"].shape == (160, 384)
+    pit = timm.create_model("pit_ti_224", num_classes=0).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert not lp.has_cls_intermediates(pit) and torch.equal(lp.embed(pit, x), pit(x))
+    assert lp.has_cls_intermediates(timm.create_model("vit_tiny_patch16_224"))
+
+
+def test_cache_key_holds_what_the_features_depend_on(tmp_path, monkeypatch):
+    """Extraction precision and the transfer table's row change the features: another file, never a stale one."""
+    cfg = lp.parse_config(["--model", "pixels", "--out_dir", str(tmp_path)])
+    def path(**changes):
+        return lp.cache_path(dataclasses.replace(cfg, **changes), "pixels", "dtd", "train", (0.5,) * 3, (0.2,) * 3)[0]
+    base = path()
+    assert path() == base and path(bf16=not cfg.bf16) != base and path(lr=1.0) == base
+    monkeypatch.setitem(lp.TRANSFER, "dtd", ("mcimpoi/dtd_split_1", "train", "test", "label", None))  # split 1 only
+    assert path() != base
+
+
 def test_torchrun_splits_extraction_and_gathers_in_order(tmp_path, data):
     """2 ranks against 1 process. Collectives time out after 5 s here, and rank 0 trains the first dataset's
     heads for longer than that: the run passes only if no rank waits in a collective meanwhile (it used to)."""
@@ -185,5 +213,11 @@ def test_unknown_short_name_and_bad_shots():
     with pytest.raises(SystemExit) as e:
         lp.parse_config(["--model", "pixels", "--shots", "ten"])
     assert "--shots" in str(e.value)
+    for argv, words in ((["--model", "pixels", "--draws", "0"], "--draws must be >= 1"),
+                        (["--model", "pixels", "--pretrained", "true"], "does not go with"),
+                        (["--checkpoint", "ckpt.pt", "--pretrained", "true"], "does not go with")):
+        with pytest.raises(SystemExit) as e:
+            lp.parse_config(argv)
+        assert words in str(e.value) and "\n" not in str(e.value)
     cfg = lp.parse_config(["--model", "pixels", "--dataset", "transfer", "--shots", "1", "10", "all"])
     assert lp.dataset_names(cfg.dataset) == list(lp.TRANSFER) and lp.shot_values(cfg.shots) == [1, 10, "all"]
