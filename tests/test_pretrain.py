@@ -231,6 +231,28 @@ def test_resume_continues_exactly(tmp_path, data, full_run):
         assert resumed[s]["sigreg"] == pytest.approx(ref[s]["sigreg"], rel=1e-6, abs=1e-7), s
 
 
+def test_two_nodes_through_torchrun_rendezvous_train_as_one_node(tmp_path, data, full_run):
+    """The README's multi-node command on one machine: two torchrun launchers (the 'nodes', one process each)
+    meet through the c10d rendezvous and share out_dir, as nodes share a filesystem. World size 2 either way, so
+    the losses equal those of the 2-process single-node run."""
+    port, out, nodes = free_port(), tmp_path / "out", []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=lejepa-test",
+               str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", str(EPOCHS),
+               "--out_dir", str(out), *TINY]
+        log = open(tmp_path / f"node{node}.log", "w")  # a file, not a pipe nobody reads
+        nodes.append(subprocess.Popen(cmd, cwd=ROOT, env=env(tmp_path), stdout=log, stderr=subprocess.STDOUT))
+    codes = [p.wait(timeout=300) for p in nodes]
+    assert codes == [0, 0], [(tmp_path / f"node{n}.log").read_text()[-3000:] for n in range(2)]
+    ref, got = losses(read_metrics(full_run[0])), losses(read_metrics(out))
+    assert sorted(got) == sorted(ref)
+    for s in ref:
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6, abs=1e-7), s
+    logs = "".join((tmp_path / f"node{n}.log").read_text() for n in range(2))
+    assert "parameters identical on all 2 ranks: True" in logs and (out / "export" / "model.safetensors").exists()
+
+
 def test_stop_after_at_or_below_the_resumed_step_does_nothing(tmp_path, data, full_run):
     out, _ = full_run  # holds a checkpoint at step 20
     def files():  # all but the lock file, which holds the pid of the latest run to take it
