@@ -301,6 +301,39 @@ def test_training_processes_exit_when_torchrun_is_killed(tmp_path, data):
     assert subprocess.run([sys.executable, "-c", take_lock]).returncode == 0  # and the lock is free
 
 
+def test_a_rank_killed_on_one_node_ends_every_node(tmp_path, data):
+    """Two torchrun launchers (the 'nodes', one process each) through the c10d rendezvous; SIGKILL the rank of
+    the first: the rank on the other node leaves its collective with an error, and both launchers exit,
+    non-zero, within seconds (not at the collectives' 60-minute timeout)."""
+    port, out, nodes = free_port(), tmp_path / "out", []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=lejepa-kill",
+               str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "50", "--out_dir", str(out),
+               *TINY]
+        with open(tmp_path / f"node{node}.log", "w") as log:
+            nodes.append(subprocess.Popen(cmd, cwd=ROOT, env=env(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    try:
+        wait_for_steps(nodes[0], out, 3)
+        for rank in (0, 1):  # the rendezvous decides which node holds rank 0
+            try:
+                victim = rank_pid(nodes[0].pid, rank)
+                break
+            except AssertionError:
+                continue
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.time()
+        codes = [p.wait(timeout=120) for p in nodes]
+        elapsed = time.time() - t0
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert all(code != 0 for code in codes), codes
+    assert elapsed < 60, elapsed
+
+
 # ---------------------------------------------------------------- hub failures: one line, every rank ends
 
 def test_unreachable_hub_ends_every_rank_with_one_line(tmp_path):
