@@ -428,7 +428,7 @@ def main(cfg: Config):
     checkpointer = Checkpointer(ckpt_path, start, writer=rank == 0)
     guard = Guard(device, checkpointer)
     bar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True)
-    batches, acc, clock = None, None, [time.perf_counter(), start]
+    batches, acc = None, None
     for step in range(start, total + 1):
         last_step = step == total
         epoch, offset = divmod(step, data.steps_per_epoch)
@@ -449,7 +449,7 @@ def main(cfg: Config):
         bar.update(1)
         stopping = cfg.stop_after and done >= cfg.stop_after
         if done % cfg.log_every == 0 or step == start or stopping:
-            sigterm = log_step(cfg, done, epoch, terms, lrs, clock, guard, ddp, data, bar, log)
+            sigterm = log_step(cfg, done, epoch, terms, lrs, guard, ddp, data, bar, log)
             if sigterm or stopping:
                 stop_early(cfg, checkpointer, model, optimizer, sigreg, done, sigterm)
                 break
@@ -469,17 +469,14 @@ def end_epoch(model, data, device, autocast, step, epoch, log):
     return acc
 
 
-def log_step(cfg, step, epoch, terms, lrs, clock, guard, ddp, data, bar, log) -> bool:
+def log_step(cfg, step, epoch, terms, lrs, guard, ddp, data, bar, log) -> bool:
     """The log interval: the one host sync of training. True when a SIGTERM reached any rank."""
     stop = guard.check(ddp, step)  # every rank decides alike
-    guard.checkpointer.check()  # a failed background write surfaces here
-    now = time.perf_counter()
-    images_per_s = cfg.batch_size * (step - clock[1]) / (now - clock[0])
-    clock[:] = [now, step]
-    loss, inv, sig, probe_loss = terms.tolist()
-    bar.set_postfix(loss=f"{loss:.4f}", inv=f"{inv:.4f}", sigreg=f"{sig:.3f}", lr=f"{lrs[0]:.2e}",
-                    img_s=f"{images_per_s:.0f}")
-    if log:  # skipped_images: unreadable files so far (rank 0's share)
+    if log:  # rank 0; skipped_images: unreadable files so far (its share)
+        loss, inv, sig, probe_loss = terms.tolist()
+        images_per_s = log.images_per_s(step, cfg.batch_size)
+        bar.set_postfix(loss=f"{loss:.4f}", inv=f"{inv:.4f}", sigreg=f"{sig:.3f}", lr=f"{lrs[0]:.2e}",
+                        img_s=f"{images_per_s:.0f}")
         log(dict(step=step, epoch=epoch, loss=loss, invariance=inv, sigreg=sig, probe_loss=probe_loss,
                  lr=lrs[0], images_per_s=images_per_s, skipped_images=data.views.skipped.value))
     return stop
@@ -708,7 +705,9 @@ class Guard:
         self.first_bad = torch.where(new, record, self.first_bad)
 
     def check(self, ddp: bool, step: int) -> bool:
-        """True when a SIGTERM reached any rank; exits with one line when any rank saw a non-finite loss."""
+        """True when a SIGTERM reached any rank; exits with one line when any rank saw a non-finite loss, and
+        raises a failed checkpoint write."""
+        self.checkpointer.check()
         flags = torch.stack([self.first_bad[0], self.first_bad.new_full((), float(STOP.is_set()))])
         if ddp:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -1108,6 +1107,7 @@ class Logger:
                 f.writelines(kept)
             os.replace(path + ".tmp", path)
         self.file, self.tensorboard, self.wandb = open(path, "a"), None, None
+        self.clock = (time.perf_counter(), start_step)  # for images_per_s
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             board = os.path.join(cfg.out_dir, "tensorboard")
@@ -1121,6 +1121,12 @@ class Logger:
             self.wandb = wandb.init(project=cfg.wandb, id=run_id, resume="allow", dir=cfg.out_dir,
                                     name=os.path.basename(os.path.abspath(cfg.out_dir)),
                                     config=dataclasses.asdict(cfg))
+
+    def images_per_s(self, step: int, batch_size: int) -> float:
+        """Since the last call (or the start)."""
+        now, (then, then_step) = time.perf_counter(), self.clock
+        self.clock = (now, step)
+        return batch_size * (step - then_step) / (now - then)
 
     def __call__(self, record: dict):
         self.file.write(json.dumps(record) + "\n")
