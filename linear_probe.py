@@ -160,49 +160,51 @@ def has_cls_intermediates(model: nn.Module) -> bool:
 
 # ---- Extraction and cache: each split once, every rank a share, rank 0 saves ----
 
-def features(cfg, model, mean, std, ident, name, role, device, rank, world) -> str:
+def cached_features(cfg, model, mean, std, ident, dataset, role, device, rank, world) -> str:
     """Path of the cached features and labels of one split (role "train" or "val"); on a cache miss, extracted
     from centre crops at cfg.global_size (mvi.eval_transform). All the run's collectives are in here: no rank
     waits in one while rank 0 trains the heads."""
-    path, key = cache_path(cfg, ident, name, role, mean, std)
+    path, key = cache_path(cfg, ident, dataset, role, mean, std)
     exists = [os.path.exists(path)]
     if world > 1:
         dist.broadcast_object_list(exists, src=0)  # rank 0's file decides: every rank takes the same branch
     if exists[0]:
-        print0(f"{name} {role}: features from the cache {path}")
+        print0(f"{dataset} {role}: features from the cache {path}")
         return path
     # every rank loads the split: datasets' file locks let one process per node download and prepare it while
     # the others wait on the lock, not in a collective (rank 0 preparing ImageNet alone would time them out)
-    ds, image_col, label_col = load_labelled(cfg, name, role)
+    ds, image_col, label_col = load_labelled(cfg, dataset, role)
     ds = split_dataset_by_node(ds, rank, world)  # map-style: contiguous shares, so rank order is row order
     loader = mvi.eval_loader(cfg, ds, image_col, label_col, 0, 1, cfg.batch_size)  # 0, 1: ds is the share
-    f, y, t0 = [], [], time.perf_counter()
-    bar = tqdm(loader, desc=f"{name} {role}", disable=True if rank else None)  # None: terminal only
+    feats, y, t0 = [], [], time.perf_counter()
+    bar = tqdm(loader, desc=f"{dataset} {role}", disable=True if rank else None)  # None: terminal only
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         for x, labels in bar:
             x = mvi.normalize(x.to(device, non_blocking=True), mean=mean, std=std)  # the weights' own
-            f.append(embed(model, x).float())  # (B, F), left on the device: no sync per batch
+            feats.append(embed(model, x).float())  # (B, F), left on the device: no sync per batch
             y.append(labels)
-    f, y, skipped = gather_rows([b.cpu() for b in f], y, loader.dataset.skipped.value, rank, world)
+    feats, y, skipped = gather_rows([b.cpu() for b in feats], y, loader.dataset.skipped.value, rank, world)
     if rank != 0:
         return path
     if skipped:
-        print0(f"{name} {role}: {skipped} unreadable image(s), each replaced by the next readable one")
-    f = f.half() if f.abs().max() < 6e4 else f  # fp16 (max 65504) halves the cache (ImageNet, ViT-L: 5.2 GB)
+        print0(f"{dataset} {role}: {skipped} unreadable image(s), each replaced by the next readable one")
+    if feats.abs().max() < 6e4:  # fp16 (max 65504) halves the cache (ImageNet, ViT-L: 5.2 GB)
+        feats = feats.half()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    mvi.write_atomic(dict(features=f, labels=y.long(), key=key), path)  # never a half cache
+    mvi.write_atomic(dict(features=feats, labels=y.long(), key=key), path)  # never a half cache
     seconds = time.perf_counter() - t0
-    print0(f"{name} {role}: extracted {tuple(f.shape)} features in {seconds:.0f} s -> {path}")
+    print0(f"{dataset} {role}: extracted {tuple(feats.shape)} features in {seconds:.0f} s -> {path}")
     return path
 
 
-def cache_path(cfg, ident, name, role, mean, std):
+def cache_path(cfg, ident, dataset, role, mean, std):
     """(file, key): the key lists everything the features depend on; its hash names the file."""
-    split = role if name in TRANSFER else (cfg.train_split if role == "train" else cfg.val_split)
-    key = json.dumps([ident, os.path.abspath(name) if os.path.isdir(name) else name, TRANSFER.get(name),
-                      cfg.dataset_config, cfg.dataset_revision, cfg.dataset_data_dir, split,
-                      cfg.image_column, cfg.label_column, cfg.global_size, mean, std, cfg.bf16])
-    tag = "".join(c if c.isalnum() else "_" for c in os.path.basename(name.rstrip("/")))  # readable file name
+    split = role if dataset in TRANSFER else (cfg.train_split if role == "train" else cfg.val_split)
+    where = os.path.abspath(dataset) if os.path.isdir(dataset) else dataset
+    key = json.dumps([ident, where, TRANSFER.get(dataset), cfg.dataset_config, cfg.dataset_revision,
+                      cfg.dataset_data_dir, split, cfg.image_column, cfg.label_column, cfg.global_size,
+                      mean, std, cfg.bf16])
+    tag = "".join(c if c.isalnum() else "_" for c in os.path.basename(dataset.rstrip("/")))  # for the reader
     file = f"{tag}-{role}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
     return os.path.join(cfg.out_dir, "features", file), key
 
@@ -313,7 +315,7 @@ def main(cfg: Config):
     paths, timings = {}, {}  # 1. every rank: the features of every split, extracted or from the cache
     for name in names:
         t0 = time.perf_counter()
-        paths[name] = [features(cfg, model, mean, std, ident, name, role, device, rank, world)
+        paths[name] = [cached_features(cfg, model, mean, std, ident, name, role, device, rank, world)
                        for role in ("train", "val")]
         timings[name] = dict(features_s=round(time.perf_counter() - t0, 1))
     mvi.close_distributed(ddp)  # no collective after this: ranks 1.. end while rank 0 trains the heads
@@ -408,42 +410,42 @@ def load_checkpoint(cfg: Config):
     return model, name, size
 
 
-def load_labelled(cfg: Config, name: str, role: str):
+def load_labelled(cfg: Config, dataset: str, role: str):
     """(dataset, image column, label column) of role "train" or "val" of a short name, folder or hub id."""
-    if name in TRANSFER:
-        hub_id, train, test, label, files = TRANSFER[name]
+    if dataset in TRANSFER:
+        hub_id, train, test, label, files = TRANSFER[dataset]
         split = train if role == "train" else test
         try:
             ds = datasets.load_dataset(hub_id, data_files=files, split=split)
         except (ConnectionError, ValueError, FileNotFoundError) as err:  # DatasetNotFoundError is one too
-            sys.exit(f"error: {name} ({hub_id}): {mvi.hub_error(hub_id, '', split, err)}")
+            sys.exit(f"error: {dataset} ({hub_id}): {mvi.hub_error(hub_id, '', split, err)}")
         return (ds, *mvi.find_columns(ds, cfg.image_column, label))
     split = cfg.train_split if role == "train" else cfg.val_split
-    ds = mvi.load_split(name, split, cfg.dataset_config, cfg.streaming, missing_ok=True,
+    ds = mvi.load_split(dataset, split, cfg.dataset_config, cfg.streaming, missing_ok=True,
                         revision=cfg.dataset_revision, data_dir=cfg.dataset_data_dir)
     if ds is None:
-        sys.exit(f"error: dataset {name} has no split {split!r}; pass --{role}_split")
+        sys.exit(f"error: dataset {dataset} has no split {split!r}; pass --{role}_split")
     image_col, label_col = mvi.find_columns(ds, cfg.image_column, cfg.label_column)
     if label_col is None or label_col not in (ds.features or {}):
-        sys.exit(f"error: dataset {name} ({split}) has no label column among {list(ds.features or {})}; "
+        sys.exit(f"error: dataset {dataset} ({split}) has no label column among {list(ds.features or {})}; "
                  f"a probe needs labels: pass --label_column")
     return ds, image_col, label_col
 
 
-def gather_rows(f: list, y: list, skipped: int, rank: int, world: int):
+def gather_rows(feats: list, y: list, skipped: int, rank: int, world: int):
     """On rank 0: every rank's batches (B, F) and (B,), concatenated in rank order, and the skipped images."""
-    parts = [(f, y, skipped)]
+    parts = [(feats, y, skipped)]
     if world > 1:
         parts = [None] * world if rank == 0 else None
-        dist.gather_object((f, y, skipped), parts, dst=0)  # lists of CPU batches: a rank may have none
+        dist.gather_object((feats, y, skipped), parts, dst=0)  # lists of CPU batches: a rank may have none
     if rank != 0:
         return None, None, None
-    f, y, skipped = [], [], 0
-    for rank_f, rank_y, rank_skipped in parts:  # in rank order
-        f += rank_f
+    feats, y, skipped = [], [], 0
+    for rank_feats, rank_y, rank_skipped in parts:  # in rank order
+        feats += rank_feats
         y += rank_y
         skipped += rank_skipped
-    return torch.cat(f), torch.cat(y), skipped
+    return torch.cat(feats), torch.cat(y), skipped
 
 
 def write_outputs(cfg, ident, results, timings, feature_dim):
