@@ -183,6 +183,7 @@ def test_torchrun_splits_extraction_and_gathers_in_order(tmp_path, data):
         ddp, single = cached(tmp_path / "ddp", role, "imgs*")[0], cached(tmp_path / "single", role, "imgs*")[0]
         assert torch.equal(ddp["labels"], single["labels"])  # rank shares put back in dataset order
         assert torch.allclose(ddp["features"].float(), single["features"].float(), atol=1e-2)
+        assert ddp["features"].dtype == single["features"].dtype == torch.float16  # gathered in fp16
 
 
 # ---------------------------------------------------------------- bad input: one clear line
