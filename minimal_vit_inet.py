@@ -564,11 +564,15 @@ def parse_config(argv=None) -> Config:
 
 
 def patch_size(model: str) -> int:
-    """A ViT's patch size in px (views must be multiples of it), 1 for a convnet. Built on the meta device:
-    no memory, a tenth of a second for ViT-L."""
-    with torch.device("meta"):
-        backbone = build_backbone(model)
-    return backbone.patch_embed.patch_size[0] if hasattr(backbone, "patch_embed") else 1
+    """A ViT's patch size in px (views must be multiples of it); 1 for a convnet, or when it cannot be told.
+    Built on the meta device: no memory, a tenth of a second for ViT-L."""
+    try:
+        with torch.device("meta"):
+            backbone = build_backbone(model)
+    except Exception:  # not buildable on the meta device: the run itself will say what timm thinks
+        return 1
+    size = getattr(getattr(backbone, "patch_embed", None), "patch_size", 1)  # none: a convnet
+    return size[0] if isinstance(size, (tuple, list)) else int(size)
 
 
 # --- Processes and faults. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain `python` runs one process.

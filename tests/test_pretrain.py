@@ -318,6 +318,16 @@ def test_bad_arguments_fail_fast_with_one_line():
     assert cfg.global_scale == (0.4, 0.9) and cfg.bf16 is False and cfg.lr == 1e-3
 
 
+def test_patch_size_of_timm_families():
+    """Read from the model built on the meta device: a tuple, an int (XCiT), none (convnets, CrossViT's list of
+    two embeddings, MViTv2): 1 when it cannot be told, so the check never refuses a model that could run."""
+    sizes = {name: mvi.patch_size(name) for name in ("vit_large_patch14_224", "deit_small_patch16_224",
+                                                     "xcit_nano_12_p16_224", "resnet18", "crossvit_tiny_240",
+                                                     "mvitv2_tiny")}
+    assert sizes == {"vit_large_patch14_224": 14, "deit_small_patch16_224": 16, "xcit_nano_12_p16_224": 16,
+                     "resnet18": 1, "crossvit_tiny_240": 1, "mvitv2_tiny": 1}
+
+
 def test_the_commands_in_the_docstring_and_the_readme_parse():
     """Every minimal_vit_inet.py command shown to users passes parse_config (their folders do not exist here)."""
     text = (mvi.__doc__ + open(ROOT / "README.md").read()).replace("\\\n", " ")
