@@ -89,7 +89,7 @@ def main():
         with autocast:
             emb, proj, logits = model(xs, args.n_global)
             loss, inv, sig = mvi.lejepa_loss(proj, args.n_global, sigreg, 0.05)
-            probe_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(V))
+            probe_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(args.n_global))  # globals
         opt_full.zero_grad(set_to_none=True)
         (loss + probe_loss).backward()
         opt_full.step()
@@ -109,9 +109,10 @@ def main():
     emb = torch.randn(V * N, backbone.num_features, device=device, requires_grad=True)
     proj = torch.randn(V, N, args.proj_dim, device=device, requires_grad=True)
 
-    def heads():
+    def heads():  # the projector sees every view, the probe the global views (as LeJEPA.forward)
         with autocast:
-            (model.projector(emb).float().sum() + model.probe(emb).float().sum()).backward()
+            probe = model.probe(emb[:args.n_global * N])
+            (model.projector(emb).float().sum() + probe.float().sum()).backward()
 
     def sigreg_only():
         with autocast:
