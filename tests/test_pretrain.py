@@ -366,9 +366,10 @@ def test_load_split_and_find_columns(tmp_path, data, monkeypatch):
     datasets.DatasetDict(train=train.select(range(8))).save_to_disk(str(tmp_path / "saved"))
     saved = mvi.load_split(str(tmp_path / "saved"), "train")  # load_from_disk
     assert len(saved) == 8 and mvi.find_columns(saved) == ("image", "label")
-    # one saved split (no DatasetDict) answers to its own name, streamed too; other splits are missing
-    train.select(range(8)).save_to_disk(str(tmp_path / "one"))
+    # one saved split (no DatasetDict) answers to "train" and to its own name, streamed too; others are missing
+    mvi.load_split(str(data), "train[:5%]").save_to_disk(str(tmp_path / "one"))  # 8 of the 160 images
     assert len(mvi.load_split(str(tmp_path / "one"), "train")) == 8
+    assert len(mvi.load_split(str(tmp_path / "one"), "train[:5%]")) == 8
     assert mvi.load_split(str(tmp_path / "one"), "validation", missing_ok=True) is None
     stream = mvi.load_split(str(tmp_path / "one"), "train", streaming=True)
     assert isinstance(stream, datasets.IterableDataset) and len(list(stream)) == 8
