@@ -282,8 +282,8 @@ def evaluate(cfg, train, val, shots, device) -> dict:
             draws.append(dict(seed=seed, n_train=len(ys), linear=linear, knn=knn))
         acc = {m: torch.tensor([d[m] for d in draws], dtype=torch.float64) for m in ("linear", "knn")}
         out[str(shot)] = dict(linear=acc["linear"].mean().item(), knn=acc["knn"].mean().item(),
-                           linear_std=acc["linear"].std(unbiased=False).item(),  # the spread over the draws
-                           knn_std=acc["knn"].std(unbiased=False).item(), draws=draws)
+                              linear_std=acc["linear"].std(unbiased=False).item(),  # spread over the draws
+                              knn_std=acc["knn"].std(unbiased=False).item(), draws=draws)
     return out
 
 
