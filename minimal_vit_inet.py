@@ -797,7 +797,7 @@ def load_split(dataset: str, split: str, config: str = "", streaming: bool = Fal
         if is_dir and os.path.exists(os.path.join(dataset, "dataset_dict.json")):
             ds = datasets.load_from_disk(dataset)[split]  # a DatasetDict written by save_to_disk
         elif is_dir and os.path.exists(os.path.join(dataset, "dataset_info.json")):
-            ds = datasets.load_from_disk(dataset)  # one saved split: it answers to "train" and to its own name
+            ds = datasets.load_from_disk(dataset)  # one saved split: it answers to "train" and its own name
             if split not in ("train", str(ds.split)):
                 raise KeyError(split)
         elif is_dir:
