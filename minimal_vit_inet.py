@@ -614,12 +614,12 @@ def run(main, *args):
         code = 1
         if isinstance(err, SystemExit):
             code = err.code or 0  # sys.exit(), sys.exit(2), or sys.exit("error: ...")
-            if isinstance(code, str):  # one write, newline included: ranks' lines never interleave
-                sys.stderr.write(code + "\n")
+            if isinstance(code, str):
+                print_err(code)
                 code = 1
         else:
             rank = os.environ.get("RANK")
-            print(f"error on rank {rank}:" if rank else "error:", file=sys.stderr)
+            print_err(f"error on rank {rank}:" if rank else "error:")
             traceback.print_exc()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -634,9 +634,7 @@ def exit_with_launcher(poll_s: float = 1.0):
     def watch():
         while os.getppid() == launcher:  # re-parented once the launcher is gone
             time.sleep(poll_s)
-        rank = os.environ.get("RANK")
-        sys.stderr.write(f"error: rank {rank}: torchrun (pid {launcher}) is gone; exiting\n")
-        sys.stderr.flush()
+        print_err(f"error: rank {os.environ.get('RANK')}: torchrun (pid {launcher}) is gone; exiting")
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="launcher-watch").start()
@@ -645,6 +643,13 @@ def exit_with_launcher(poll_s: float = 1.0):
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+def print_err(line: str):
+    """One line to stderr in one write, newline included: print() writes the text, then the newline, and
+    another rank's line can land in between (ranks share torchrun's stderr)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 STOP = threading.Event()  # set by SIGTERM (preemption): the loop checkpoints and exits
@@ -880,8 +885,7 @@ def skip_bad_image(counter, index, err):
     """Count (in a counter shared by the DataLoader workers) and report an image that cannot be used."""
     with counter.get_lock():
         counter.value += 1
-    sys.stderr.write(f"warning: skipped unreadable image #{index}: {type(err).__name__}: {err}\n")
-    sys.stderr.flush()
+    print_err(f"warning: skipped unreadable image #{index}: {type(err).__name__}: {err}")
 
 
 class ViewsDataset(torch.utils.data.Dataset):
