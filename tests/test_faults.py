@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_pretrain import ROOT, TINY, env, free_port, read_metrics  # noqa: E402
+from test_pretrain import ROOT, TINY, env, free_port, launch_two_nodes, read_metrics  # noqa: E402
 
 import minimal_vit_inet as mvi  # noqa: E402
 
@@ -305,15 +305,8 @@ def test_a_rank_killed_on_one_node_ends_every_node(tmp_path, data):
     """Two torchrun launchers (the 'nodes', one process each) through the c10d rendezvous; SIGKILL the rank of
     the first: the rank on the other node leaves its collective with an error, and both launchers exit,
     non-zero, within seconds (not at the collectives' 60-minute timeout)."""
-    port, out, nodes = free_port(), tmp_path / "out", []
-    for node in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=lejepa-kill",
-               str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "50", "--out_dir", str(out),
-               *TINY]
-        with open(tmp_path / f"node{node}.log", "w") as log:
-            nodes.append(subprocess.Popen(cmd, cwd=ROOT, env=env(tmp_path), stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+    out = tmp_path / "out"
+    nodes = launch_two_nodes(tmp_path, data, out, 50, start_new_session=True)
     try:
         wait_for_steps(nodes[0], out, 3)
         for rank in (0, 1):  # the rendezvous decides which node holds rank 0

@@ -63,6 +63,21 @@ def torchrun(tmp, data, out, *extra, nproc=2, timeout=240):
     return r
 
 
+def launch_two_nodes(tmp, data, out, epochs, **popen):
+    """The README's multi-node command on this machine: two torchrun launchers (the 'nodes', one process
+    each) meet through the c10d rendezvous and share out_dir; each writes tmp/node{n}.log (not a pipe)."""
+    port, nodes = free_port(), []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=lejepa-test",
+               str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", str(epochs),
+               "--out_dir", str(out), *TINY]
+        with open(tmp / f"node{node}.log", "w") as log:
+            nodes.append(subprocess.Popen(cmd, cwd=ROOT, env=env(tmp), stdout=log, stderr=subprocess.STDOUT,
+                                          **popen))
+    return nodes
+
+
 def read_metrics(out):
     return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
 
@@ -235,14 +250,8 @@ def test_two_nodes_through_torchrun_rendezvous_train_as_one_node(tmp_path, data,
     """The README's multi-node command on one machine: two torchrun launchers (the 'nodes', one process each)
     meet through the c10d rendezvous and share out_dir, as nodes share a filesystem. World size 2 either way, so
     the losses equal those of the 2-process single-node run."""
-    port, out, nodes = free_port(), tmp_path / "out", []
-    for node in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=lejepa-test",
-               str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", str(EPOCHS),
-               "--out_dir", str(out), *TINY]
-        log = open(tmp_path / f"node{node}.log", "w")  # a file, not a pipe nobody reads
-        nodes.append(subprocess.Popen(cmd, cwd=ROOT, env=env(tmp_path), stdout=log, stderr=subprocess.STDOUT))
+    out = tmp_path / "out"
+    nodes = launch_two_nodes(tmp_path, data, out, EPOCHS)
     codes = [p.wait(timeout=300) for p in nodes]
     assert codes == [0, 0], [(tmp_path / f"node{n}.log").read_text()[-3000:] for n in range(2)]
     ref, got = losses(read_metrics(full_run[0])), losses(read_metrics(out))
