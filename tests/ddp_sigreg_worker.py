@@ -1,4 +1,5 @@
-"""Run by test_sigreg.py under torchrun: each rank scores half the batch through a DDP-wrapped layer.
+"""Run by test_sigreg.py under torchrun: each rank scores half the batch through a DDP-wrapped layer,
+then one sample of it (rank r takes sample r).
 
 argv: output folder, then "autograd" or "no-autograd". "no-autograd" makes the functional all-reduce
 return a tensor without a gradient path, as torch before PyTorch PR 168140 did (issue 152127)."""
@@ -37,5 +38,10 @@ if __name__ == "__main__":
         loss.backward()  # DDP averages the gradients over ranks
         steps.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     slices = loss_fn.slices(5, torch.device("cpu"))
-    torch.save({"steps": steps, "slices": slices}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    ddp.zero_grad()  # one sample per rank (rank r takes sample r): N >= 2 holds for the global batch only
+    loss = sigreg.SIGReg(num_slices=64, seed=5)(ddp(x[:, rank:rank + 1]))  # (V, 1, D)
+    loss.backward()
+    one_sample = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.save({"steps": steps, "slices": slices, "one_sample": one_sample},
+               os.path.join(sys.argv[1], f"rank{rank}.pt"))
     dist.destroy_process_group()

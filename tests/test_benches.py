@@ -27,8 +27,8 @@ def test_train_step_bench(tmp_path):
 
 def test_sigreg_bench(tmp_path):
     out = bench("sigreg_bench.py", "--n", 64, "--dim", 16, "--slices", 32, "--repeats", 1)
-    row = out.strip().splitlines()[-1].split()  # N, ours ms, naive ms, time ratio, ours MB, naive MB, ratio, diff
-    assert row[0] == "64" and float(row[-1]) < 1e-4  # the same value as the naive formula
+    row = out.strip().splitlines()[-1].split()  # N, ours ms, recurrence ms, ratio, ours MB, rec. MB, ratio, diff
+    assert row[0] == "64" and float(row[-1]) < 1e-4  # the same value as the recurrence
 
 
 def test_checkpoint_bench(tmp_path):

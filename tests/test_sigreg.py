@@ -113,7 +113,7 @@ def test_gradcheck_float64():
     x = torch.randn(24, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8), requires_grad=True)
     slices = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     assert torch.autograd.gradcheck(lambda x: sigreg.EppsPulley()(x), (x,))
-    assert torch.autograd.gradcheck(lambda x: sigreg.EppsPulley(t_max=5.0, num_points=9)(x, slices), (x,))
+    assert torch.autograd.gradcheck(lambda x: sigreg.EppsPulley(t_max=5.0, num_points=9)(x @ slices), (x,))
     loss_fn = sigreg.SIGReg(num_slices=7)
 
     def fixed_slices(z):  # gradcheck calls many times: keep the slices of step 0
@@ -196,7 +196,8 @@ def test_bad_input_gets_a_clear_error(make, call, match):
 @pytest.mark.parametrize("collective", ["autograd", "no-autograd"])
 def test_ddp_two_ranks_equal_one_process(tmp_path, collective):
     """Two gloo ranks, half a batch each, against one process on the whole batch (eager and torch.compile);
-    also when the all-reduce has no autograd, as on torch before late 2025 (the gradient must not rely on it)."""
+    also when the all-reduce has no autograd, as on torch before late 2025 (the gradient must not rely on it).
+    Then one sample per rank against one process on the two: N >= 2 is a condition on the global batch."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            "--master_port=0", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
@@ -220,3 +221,13 @@ def test_ddp_two_ranks_equal_one_process(tmp_path, collective):
             for g, g_r in zip(grads, grads_r):
                 torch.testing.assert_close(g_r, g, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ranks[0]["slices"], ranks[1]["slices"], rtol=0, atol=0)
+
+    # one sample per rank: refused by neither, and the value of one process on those two samples
+    model.zero_grad()
+    loss = sigreg.SIGReg(num_slices=64, seed=5)(model(x[:, :2]))  # (V, 2, D): sample r from rank r
+    loss.backward()
+    for r, got in enumerate(ranks):
+        loss_r, grads_r = got["one_sample"]
+        torch.testing.assert_close(loss_r, loss.detach(), rtol=1e-5, atol=0)
+        for p, g_r in zip(model.parameters(), grads_r):
+            torch.testing.assert_close(g_r, p.grad, rtol=1e-4, atol=1e-6)
