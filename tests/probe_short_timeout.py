@@ -4,9 +4,12 @@ import datetime
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import linear_probe  # noqa: E402
 import minimal_vit_inet as mvi  # noqa: E402
 
-mvi.DIST_TIMEOUT = datetime.timedelta(seconds=5)
+init = dist.init_process_group  # minimal_vit_inet.setup_distributed passes timeout=60 min: 5 s here instead
+dist.init_process_group = lambda *args, **kwargs: init(*args, **{**kwargs, "timeout": datetime.timedelta(seconds=5)})
 mvi.run(linear_probe.main, linear_probe.parse_config(sys.argv[1:]))

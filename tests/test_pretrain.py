@@ -110,7 +110,7 @@ def test_lr_schedule_warmup_then_cosine_to_lr_over_1000():
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_a_training_step_never_waits_on_the_host(tmp_path, data, monkeypatch, bf16):
-    """The real step (train_step, then the guard's update) on real batches from the real loader: no operation that
+    """The real step (train_step, then the non-finite flag) on real batches from the real loader: no operation that
     makes a GPU's host wait (read-backs, data-dependent shapes, tensors built from host data) in a step that does
     not log. Under bf16 autocast too (the GPU's precision, run here on the CPU): the loss terms come back fp32."""
     sys.path.insert(0, str(ROOT / "bench"))
@@ -119,23 +119,23 @@ def test_a_training_step_never_waits_on_the_host(tmp_path, data, monkeypatch, bf
     cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--out_dir", str(tmp_path), "--bf16", str(bf16)])
     ds = mvi.load_split(cfg.dataset, "train")
     views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), cfg.seed)
-    batches = mvi.train_batches(cfg, ds, views, 0, 0, 0, 1, 16, 10, num_classes=4)  # 1 worker draws the plans
+    batches = mvi.train_batches(cfg, views, 0, 0, 0, 1, 10)  # 1 DataLoader worker
     device = torch.device("cpu")
     model, sigreg, optimizer, lrs = mvi.build_training(cfg, 4, device)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-    guard, counts = mvi.Guard(device, mvi.Checkpointer(str(tmp_path / "ckpt.pt"), 0, writer=False)), []
+    bad, counts = torch.zeros((), dtype=torch.bool, device=device), []
     for step in range(3):
         batch = next(batches)
         with host_syncs.count(device) as syncs:
             terms = mvi.train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device)
-            guard.update(step + 1, terms)
+            bad |= ~torch.isfinite(terms).all()  # as main() does
         counts.append(syncs)
     batches.close()  # stops the DataLoader worker now
     assert counts[1] == [] and counts[2] == [], counts  # the first call builds per-device constants
     assert terms.dtype == torch.float32 and torch.isfinite(terms).all()
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast never changes the weights
     with host_syncs.count(device) as syncs:  # the counter does see the logging step's read-back
-        assert guard.check(False, 3) is False and len(terms.tolist()) == 4
+        assert mvi.check_health(cfg, bad, 3, 0, False) is False and len(terms.tolist()) == 4
     assert len(syncs) == 2, syncs
 
 
@@ -150,17 +150,19 @@ def test_bf16_run_keeps_checkpoint_and_export_in_fp32(tmp_path, data):
     assert all(math.isfinite(rec["loss"]) for rec in records if "loss" in rec) and len(losses(records)) == 3
     assert any(rec.get("probe_acc") is not None for rec in records)  # evaluated under bf16 too
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
-    tensors = [t for part in ("backbone", "projector", "probe") for t in ckpt[part].values() if t.is_floating_point()]
+    tensors = [t for t in ckpt["model"].values() if t.is_floating_point()]
     tensors += [t for state in ckpt["optimizer"]["state"].values() for t in state.values() if t.is_floating_point()]
     assert tensors and all(t.dtype == torch.float32 for t in tensors)
-    exported = torch.load(out / "backbone.pth", weights_only=True)
-    assert all(t.dtype == torch.float32 for t in exported.values() if t.is_floating_point())
+    from safetensors.torch import load_file
+    exported = load_file(out / "export" / "model.safetensors")
+    assert exported and all(t.dtype == torch.float32 for t in exported.values() if t.is_floating_point())
 
 
 def test_compiled_backbone_does_not_recompile_after_the_first_epoch(tmp_path, data, monkeypatch):
     """--compile: the global-size and local-size training calls and the evaluation (another mode, a smaller last
-    batch) compile once each during the first epoch, then never again. Counted with a backend that records each
-    graph it is handed (dynamo decides recompiles, whatever the backend: inductor would take minutes here)."""
+    batch) compile once each during the first epoch, then never again; so does the colour stage, once per view size,
+    whatever each batch draws. Counted with a backend that records each graph it is handed (dynamo decides
+    recompiles, whatever the backend: inductor would take minutes here)."""
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--workers", "0", "--compile", "true"])
     ds, val = mvi.load_split(cfg.dataset, "train"), mvi.load_split(cfg.dataset, "validation")
@@ -168,25 +170,30 @@ def test_compiled_backbone_does_not_recompile_after_the_first_epoch(tmp_path, da
     val_loader = mvi.eval_loader(cfg, val, "image", "label", 0, 1, 12)  # 40 images: batches of 12, 12, 12, 4
     device = torch.device("cpu")
     model, sigreg, optimizer, lrs = mvi.build_training(cfg, 4, device)
-    graphs = []
+    graphs, colour_graphs = [], []
 
-    def recording_backend(gm, example_inputs):
-        graphs.append([tuple(x.shape) for x in example_inputs if torch.is_tensor(x)])
-        return gm.forward
+    def recording_backend(found):
+        def backend(gm, example_inputs):
+            found.append([tuple(x.shape) for x in example_inputs if torch.is_tensor(x)])
+            return gm.forward
+        return backend
 
     torch._dynamo.reset()
-    model.backbone.compile(backend=recording_backend)
+    model.backbone.compile(backend=recording_backend(graphs))
+    colour = torch.compile(mvi.colour_augment, fullgraph=True, dynamic=False, backend=recording_backend(colour_graphs))
+    monkeypatch.setattr(mvi, "compiled", lambda fn: colour)  # what train_step calls under --compile
     autocast = torch.autocast("cpu", enabled=False)
     per_epoch = []
     for epoch in range(3):
-        before = len(graphs)
-        batches = mvi.train_batches(cfg, ds, views, epoch, 0, 0, 1, 16, 3)
+        before = len(graphs) + len(colour_graphs)
+        batches = mvi.train_batches(cfg, views, epoch, 0, 0, 1, 3)
         for batch in batches:
             mvi.train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device)
         assert 0 <= mvi.evaluate_probe(model, val_loader, device, autocast) <= 1
-        per_epoch.append(len(graphs) - before)
+        per_epoch.append(len(graphs) + len(colour_graphs) - before)
     torch._dynamo.reset()
-    assert per_epoch[0] >= 2 and per_epoch[1:] == [0, 0], (per_epoch, graphs)
+    assert per_epoch[0] >= 4 and per_epoch[1:] == [0, 0], (per_epoch, graphs, colour_graphs)
+    assert len(colour_graphs) == 2  # one per view size: 2 x 32 px and 2 x 16 px views of 16 images
     assert len(graphs) < torch._dynamo.config.cache_size_limit  # never falls back to eager (the recompile limit)
 
 
@@ -223,12 +230,42 @@ def test_ddp_training_runs_loss_decreases_ranks_agree(full_run):
     assert steps[total]["lr"] == pytest.approx(5e-4 / 1000, rel=1e-9)  # last step at lr / 1000
     assert [r["probe_acc"] for r in records if "probe_acc" in r] and all(
         0 <= r["probe_acc"] <= 1 for r in records if "probe_acc" in r)  # evaluated each epoch
-    assert any(r.get("params_in_sync") is True for r in records)  # all-gathered parameter checksums
-    assert "parameters identical on all 2 ranks: True" in stdout
     assert "global batch 16 (8/rank)" in stdout and f"total steps {total}" in stdout
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == total and ckpt["sigreg"] and ckpt["optimizer"]["state"] and ckpt["config"]["lamb"] == 0.05
+    assert "warm-up 5 steps (0.5 epochs)" in stdout
     assert not list(out.glob("*.tmp"))  # atomic writes leave no temp file
+
+
+def test_ddp_keeps_every_ranks_parameters_identical(tmp_path, data):
+    """DDP's promise, which the script relies on instead of checking it every run: two ranks train on different
+    images (the real loader, step and AdamW) and end with bit-identical parameters and optimiser states."""
+    worker = tmp_path / "worker.py"
+    worker.write_text("\n".join([
+        "import os, sys, torch, torch.distributed as dist",
+        f"sys.path.insert(0, {str(ROOT)!r})",
+        "import minimal_vit_inet as mvi",
+        "cfg = mvi.parse_config(sys.argv[1:])",
+        "ddp, rank, world, device = mvi.setup_distributed()",
+        "data = mvi.load_data(cfg, rank, world)",
+        "model, sigreg, optimizer, lrs = mvi.build_training(cfg, data.num_classes, device)",
+        "mvi.seed_rank(cfg.seed, rank)",
+        "ddp_model = torch.nn.parallel.DistributedDataParallel(model)",
+        "autocast = torch.autocast('cpu', enabled=False)",
+        "batches = mvi.train_batches(cfg, data.views, 0, 0, rank, world, 3)",
+        "for batch in batches:",
+        "    mvi.train_step(ddp_model, optimizer, sigreg, batch, lrs, cfg, autocast, device)",
+        "params = dict(model.named_parameters())  # (BatchNorm's running statistics are each rank's until DDP's next",
+        "torch.save([batch[1], params, optimizer.state_dict()['state']], f'{sys.argv[-1]}/rank{rank}.pt')  # forward)",
+        "mvi.close_distributed(ddp)"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(worker), "--dataset", str(data), *TINY, "--drop_path", "0.1", "--workers", "0", "--out_dir", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (labels0, params0, adam0), (labels1, params1, adam1) = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert not torch.equal(labels0, labels1)  # each rank saw its own images (and drew its own stochastic depth)
+    assert params0.keys() == params1.keys() and all(torch.equal(params0[k], params1[k]) for k in params0)
+    assert all(torch.equal(adam0[i][k], adam1[i][k]) for i in adam0 for k in adam0[i])
 
 
 def test_resume_continues_exactly(tmp_path, data, full_run):
@@ -259,7 +296,7 @@ def test_two_nodes_through_torchrun_rendezvous_train_as_one_node(tmp_path, data,
     for s in ref:
         assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6, abs=1e-7), s
     logs = "".join((tmp_path / f"node{n}.log").read_text() for n in range(2))
-    assert "parameters identical on all 2 ranks: True" in logs and (out / "export" / "model.safetensors").exists()
+    assert "total steps 20" in logs and (out / "export" / "model.safetensors").exists()
 
 
 def test_stop_after_at_or_below_the_resumed_step_does_nothing(tmp_path, data, full_run):
@@ -301,9 +338,40 @@ def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(tmp_path, data):
            "--out_dir", str(out), *TINY, "--workers", "0", "--warmup_epochs", "0", "--lr", "1e30", "--save_every", "1"]
     r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
     assert r.returncode != 0
-    assert "error: non-finite loss at step 2: loss nan" in r.stderr, r.stderr[-3000:]
+    assert "error: non-finite loss by step 2" in r.stderr, r.stderr[-3000:]
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 1 and "(step 1)" in r.stderr
-    assert not list(out.glob("*.tmp")) and not (out / "backbone.pth").exists()
+    assert not list(out.glob("*.tmp")) and not (out / "export").exists()
+
+
+def test_a_nan_gradient_never_reaches_the_checkpoint(tmp_path, data):
+    """An overflow in a backward pass: step 6's gradients turn NaN while its loss stays finite, and the save after
+    step 6 is due. The weights are checked before every save: the run ends in one line that names the step and the
+    last good checkpoint, which stays on disk, finite (it used to be overwritten by NaN weights)."""
+    out = tmp_path / "out"
+    code = "\n".join([
+        "import sys, torch",
+        f"sys.path.insert(0, {str(ROOT)!r})",
+        "import minimal_vit_inet as mvi",
+        "step, calls = torch.optim.AdamW.step, []",
+        "def nan_step(self, *args, **kwargs):",
+        "    calls.append(1)",
+        "    if len(calls) == 6:",
+        "        for group in self.param_groups:",
+        "            for p in group['params']:",
+        "                p.grad.fill_(float('nan'))",
+        "    return step(self, *args, **kwargs)",
+        "torch.optim.AdamW.step = nan_step",
+        "mvi.run(mvi.main, mvi.parse_config(sys.argv[1:]))"])
+    cmd = [sys.executable, "-c", code, "--dataset", str(data), "--epochs", "1", "--out_dir", str(out), *TINY,
+           "--workers", "0", "--save_every", "3", "--log_every", "100"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    line = r.stderr.strip().splitlines()[-1]
+    assert line == f"error: non-finite weights by step 6; stopped, the last good checkpoint is {out}/ckpt.pt (step 3)", \
+        r.stderr[-3000:]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    assert [rec["step"] for rec in read_metrics(out) if "loss" in rec] == [1]  # the first step, then no log step
 
 
 # ------------------------------------------------------------ plumbing: the command line
@@ -317,7 +385,7 @@ def test_bad_arguments_fail_fast_with_one_line():
                        (["--local_scale", "0.5", "0.2"], "crop scales"),
                        (["--dataset", "/no/such/folder"], "no such folder"),
                        (["--dataset", "./relative/missing"], "no such folder"),
-                       (["--epochs", "5"], "--warmup_epochs 10.0 is not shorter than --epochs 5"),
+                       (["--epochs", "5", "--warmup_epochs", "10"], "--warmup_epochs 10.0 is not shorter than --epochs 5"),
                        (["--model", "vit_small_patch16_224"], "must be multiples of 16, e.g. 224 and 96")]:
         with pytest.raises(SystemExit) as e:
             mvi.parse_config(argv)
@@ -325,6 +393,13 @@ def test_bad_arguments_fail_fast_with_one_line():
     assert mvi.parse_config(["--dataset", "frgfm/imagenette"]).dataset == "frgfm/imagenette"  # a hub id is no path
     cfg = mvi.parse_config(["--global_scale", "0.4", "0.9", "--bf16", "false", "--lr", "1e-3"])
     assert cfg.global_scale == (0.4, 0.9) and cfg.bf16 is False and cfg.lr == 1e-3
+
+
+def test_a_short_run_gets_a_warm_up_of_a_tenth_of_it():
+    """The default warm-up is 10 epochs (DINO's), capped at a tenth of the run: a new user's --epochs 2 runs."""
+    assert mvi.parse_config(["--epochs", "2"]).warmup_epochs == pytest.approx(0.2)
+    assert mvi.parse_config([]).warmup_epochs == 10.0  # the official recipe's 100 epochs
+    assert mvi.parse_config(["--epochs", "2", "--warmup_epochs", "1.5"]).warmup_epochs == 1.5  # as asked
 
 
 def test_patch_size_of_timm_families():
@@ -352,15 +427,13 @@ def test_the_commands_in_the_docstring_and_the_readme_parse():
 def test_a_missing_mirror_package_is_named_in_one_line(monkeypatch):
     import importlib.util
     real = importlib.util.find_spec
-    def find_spec(name, *args):  # as on a machine without either package
-        return None if name in ("tensorboard", "wandb") else real(name, *args)
+    def find_spec(name, *args):  # as on a machine without wandb
+        return None if name == "wandb" else real(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    for argv, package in ((["--tensorboard", "true"], "pip install tensorboard"),
-                          (["--wandb", "proj"], "pip install wandb")):
-        with pytest.raises(SystemExit) as e:
-            mvi.parse_config(argv)
-        assert package in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        mvi.parse_config(["--wandb", "proj"])
+    assert "pip install wandb" in str(e.value) and "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------ plumbing: data
@@ -375,13 +448,11 @@ def test_load_split_and_find_columns(tmp_path, data, monkeypatch):
     datasets.DatasetDict(train=train.select(range(8))).save_to_disk(str(tmp_path / "saved"))
     saved = mvi.load_split(str(tmp_path / "saved"), "train")  # load_from_disk
     assert len(saved) == 8 and mvi.find_columns(saved) == ("image", "label")
-    # one saved split (no DatasetDict) answers to "train" and to its own name, streamed too; others are missing
+    # one saved split (no DatasetDict) answers to "train" and to its own name; others are missing
     mvi.load_split(str(data), "train[:5%]").save_to_disk(str(tmp_path / "one"))  # 8 of the 160 images
     assert len(mvi.load_split(str(tmp_path / "one"), "train")) == 8
     assert len(mvi.load_split(str(tmp_path / "one"), "train[:5%]")) == 8
     assert mvi.load_split(str(tmp_path / "one"), "validation", missing_ok=True) is None
-    stream = mvi.load_split(str(tmp_path / "one"), "train", streaming=True)
-    assert isinstance(stream, datasets.IterableDataset) and len(list(stream)) == 8
     with pytest.raises(SystemExit) as e:
         mvi.load_split(str(tmp_path / "one"), "holdout")
     assert "no split 'holdout'" in str(e.value)
@@ -392,98 +463,6 @@ def test_load_split_and_find_columns(tmp_path, data, monkeypatch):
     assert mvi.find_columns(cifar)[1] == "fine_label" and mvi.find_columns(wds) == ("jpg", "cls")
     assert mvi.find_columns(cifar, label_column="coarse_label") == ("img", "coarse_label")
     assert mvi.count_classes(wds, "cls") == 8
-    # --num_proc: prepared anew (a fresh cache, read when datasets is imported) by 2 processes, same rows
-    code = "\n".join(["import sys, datasets, minimal_vit_inet as m",
-                      "load = datasets.load_dataset",
-                      "def spy(*args, **kwargs):",
-                      "    print('num_proc', kwargs.get('num_proc'), file=sys.stderr)",
-                      "    return load(*args, **kwargs)",
-                      "datasets.load_dataset = spy",
-                      f"print(list(m.load_split({str(data)!r}, 'train', num_proc=2)['label']))"])
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(tmp_path / "fresh"), capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == str(list(train["label"])), r.stderr[-2000:]
-    assert "num_proc 2" in r.stderr  # it reached datasets (which runs one process per shard: one here)
-
-
-def test_too_few_classes_is_refused_before_training(tmp_path, data):
-    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "1",
-           "--out_dir", str(tmp_path / "out"), *TINY, "--num_classes", "2"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: --num_classes 2 is too few") and "go up to 3" in line, r.stderr[-2000:]
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
-
-
-def test_num_classes_without_labels_is_refused(tmp_path, data):
-    import datasets
-    images = datasets.load_dataset("imagefolder", data_dir=str(data), split="train", cache_dir=str(tmp_path))
-    datasets.DatasetDict(train=images.remove_columns("label")).save_to_disk(str(tmp_path / "unlabelled"))
-    cfg = mvi.parse_config(["--dataset", str(tmp_path / "unlabelled"), *TINY, "--num_classes", "4"])
-    with pytest.raises(SystemExit) as e:  # the probe would train on labels of -1
-        mvi.load_data(cfg, 0, 1)
-    assert "no label column" in str(e.value) and "\n" not in str(e.value)
-
-
-def test_streaming_single_process(tmp_path, data):
-    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--streaming", "true",
-           "--steps_per_epoch", "3", "--epochs", "1", "--out_dir", str(tmp_path / "out"), *TINY, "--workers", "0"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    records = read_metrics(tmp_path / "out")
-    assert sorted(losses(records)) == [1, 2, 3] and any("probe_acc" in r for r in records)
-    assert (tmp_path / "out" / "backbone.pth").exists()
-
-
-def test_streaming_runs_across_epochs_and_ranks_draw_their_own_views(tmp_path, data, monkeypatch):
-    """A stream is restarted once per pass over the data, not at each epoch end (a restart refills every worker's
-    shuffle buffer); and each rank's DataLoader workers draw their own augmentations (seeded by (seed, rank))."""
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--streaming", "true", "--workers", "0"])
-    stream = mvi.load_split(str(data), "train", streaming=True).shuffle(0, buffer_size=8)
-    views = mvi.StreamViews(stream, "image", "label", mvi.MultiCrop(32, 16, 2, 2))
-    passes = []
-    original = mvi.StreamViews.__iter__
-
-    def counted(self):
-        passes.append(1)
-        yield from original(self)
-
-    monkeypatch.setattr(mvi.StreamViews, "__iter__", counted)
-    batches = mvi.train_batches(cfg, stream, views, 0, 0, 0, 1, 16, 5)  # 160 images: 10 batches of 16 per pass
-    for _ in range(15):  # three epochs of 5 steps
-        next(batches)
-    assert len(passes) == 2  # the second pass began after 10 batches; epoch ends restarted nothing
-    monkeypatch.setattr(mvi.StreamViews, "__iter__", original)
-
-    def first_batch(rank):  # 1 worker: its seed comes from the rank's RNG when the loader starts
-        mvi.seed_rank(0, rank)
-        loader = torch.utils.data.DataLoader(views, 4, num_workers=1, collate_fn=mvi.collate_views)
-        (pixels, _, _), *_ = next(iter(loader))[0]
-        return pixels
-
-    rank0 = first_batch(0)
-    assert not torch.equal(rank0, first_batch(1)) and torch.equal(rank0, first_batch(0))
-
-
-# ------------------------------------------------------------ plumbing: logs
-
-def test_tensorboard_mirror_holds_the_logged_scalars(tmp_path, data):
-    pytest.importorskip("tensorboard", reason="tensorboard is not installed (README's test command installs it)")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "1", "--out_dir",
-           str(out), *TINY, "--workers", "0", "--steps_per_epoch", "3", "--tensorboard", "true"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    events = EventAccumulator(str(out / "tensorboard"))
-    events.Reload()
-    for key in ("loss", "invariance", "sigreg", "lr", "probe_acc"):
-        logged = {rec["step"]: rec[key] for rec in read_metrics(out) if rec.get(key) is not None}
-        assert logged, key
-        board = {e.step: e.value for e in events.Scalars(key)}
-        assert board.keys() == logged.keys() and all(board[s] == pytest.approx(v, rel=1e-6) for s, v in logged.items())
 
 
 def test_wandb_mirror_offline_and_resumed_into_the_same_run(tmp_path, data):
@@ -528,14 +507,10 @@ def test_plot_of_a_run(tmp_path, full_run):
 def test_exported_backbone_loads_in_timm_with_training_features(full_run):
     import timm
     out, _ = full_run
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, dynamic_img_size=True,
-                              checkpoint_path=str(out / "backbone.pth")).eval()
     trained = mvi.build_backbone("vit_tiny_patch16_224", 32).eval()  # as built in training, final weights
-    trained.load_state_dict(torch.load(out / "ckpt.pt", weights_only=False)["backbone"])
+    state = torch.load(out / "ckpt.pt", weights_only=False)["model"]
+    trained.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(model(x), trained(x))
-        assert model(x[:, :, :16, :16]).shape == (3, 192)  # local-view size works too (dynamic_img_size)
     # timm's Hugging Face format, written with timm's helper: one line loads weights and their config
     export = out / "export"
     assert {"config.json", "model.safetensors", "README.md"} <= {f.name for f in export.iterdir()}
@@ -547,18 +522,3 @@ def test_exported_backbone_loads_in_timm_with_training_features(full_run):
         assert torch.equal(hub(x), trained(x)) and hub(x[:, :, :16, :16]).shape == (3, 192)
     card = (export / "README.md").read_text()
     assert "vit_tiny_patch16_224" in card and "20 steps" in card and "top-1" in card
-
-
-def test_export_on_demand_from_a_checkpoint(tmp_path, full_run):
-    import shutil
-    import timm
-    out, _ = full_run
-    shutil.copy(out / "ckpt.pt", tmp_path / "ckpt.pt")
-    r = subprocess.run([sys.executable, str(ROOT / "minimal_vit_inet.py"), "--export", str(tmp_path / "ckpt.pt")],
-                       cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
-    b = timm.create_model(f"local-dir:{out / 'export'}", pretrained=True).eval()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(a(x), b(x))

@@ -190,11 +190,32 @@ def test_normalize_on_device_matches_cpu_torchvision():
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_views_drawn_from_the_global_rng_differ_call_after_call():
-    """Streaming hands MultiCrop the worker's global generator: each call must draw anew and advance it."""
-    mc, img = mvi.MultiCrop(global_size=64, local_size=32, n_global=2, n_local=2), photo(seed=2)
-    torch.manual_seed(0)
-    first, second = mc(img, torch.default_generator), mc(img, torch.default_generator)
-    assert not any(torch.equal(a[0], b[0]) for a, b in zip(first, second))
-    torch.manual_seed(0)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, mc(img, torch.default_generator)))
+def test_the_colour_stage_of_a_step_dispatches_at_most_300_ops():
+    """On a GPU every aten op is at least one kernel launch, and the colour stage was launch-bound (2,934 ops
+    per step, one call per view gathering and scattering each op's images). A step's views, collated as the
+    DataLoader worker does (2 x 224 px + 6 x 98 px per image), take one call per view size: at most 300 ops in
+    all, whatever the images draw."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    mc = mvi.MultiCrop()
+    images = [mc(photo(seed=i), torch.Generator().manual_seed(i)) for i in range(6)]  # 8 (pixels, draws) each
+    groups, _ = mvi.collate_views([(views, 0) for views in images])
+    assert [tuple(x.shape) for x, _ in groups] == [(12, 3, 224, 224), (36, 3, 98, 98)]
+    for v, n in ((0, 0), (1, 2), (2, 4), (7, 5)):  # view v of image n: globals first, then view-major
+        size, at = (0, v * 6 + n) if v < 2 else (1, (v - 2) * 6 + n)
+        assert torch.equal(groups[size][0][at], images[n][v][0]) and torch.equal(groups[size][1][at], images[n][v][1])
+    mvi.colour_augment(*groups[0])  # the first call builds the per-device constants
+    with Count() as count:
+        out = [mvi.colour_augment(x, c) for x, c in groups]
+    assert len(count.ops) <= 300, sorted(set(count.ops))
+    assert "index" not in count.ops and "nonzero" not in count.ops  # no gather of each op's images
+    assert all(torch.isfinite(o).all() and o.dtype == torch.float32 for o in out)
