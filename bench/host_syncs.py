@@ -4,7 +4,9 @@ On a GPU, torch.cuda.set_sync_debug_mode("warn") reports every synchronising CUD
 count() uses there. On the CPU nothing synchronises, so count() instead records, under a TorchDispatchMode,
 the operations that would on a GPU: reading a device value on the host (.item(), .tolist(), bool(), the
 data-dependent shapes of nonzero / masked_select / unique) and building a tensor from host data
-(torch.tensor(...) or indexing with a Python list: a blocking host-to-device copy on a GPU).
+(torch.tensor(...) or indexing with a Python list: a blocking host-to-device copy on a GPU). Compiled code
+cannot run under a dispatch mode (fullgraph=True refuses it), so on the CPU it runs eagerly inside the block:
+the ops counted are those the compiled graph holds.
 
     with count(device) as syncs:
         train_step(...)
@@ -16,9 +18,9 @@ import warnings
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-NEEDS_HOST = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
-              "unique_consecutive", "repeat_interleave", "bincount", "histc", "equal", "is_nonzero", "allclose",
-              "lift_fresh", "lift_fresh_copy"}
+NEEDS_HOST = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
+              "unique_dim", "unique_consecutive", "repeat_interleave", "bincount", "histc", "equal",
+              "is_nonzero", "allclose", "lift_fresh", "lift_fresh_copy"}
 
 
 class _Recorder(TorchDispatchMode):
@@ -61,8 +63,15 @@ def count(device):
         try:
             for name in originals:
                 setattr(torch.Tensor, name, watched(name))
-            with _Recorder(found):
+            with eager_compiled_code(), _Recorder(found):
                 yield found
         finally:
             for name, original in originals.items():
                 setattr(torch.Tensor, name, original)
+
+
+def eager_compiled_code():
+    """Compiled functions run eagerly inside: torch.compiler.set_stance (torch >= 2.6), else dynamo disabled."""
+    if hasattr(torch.compiler, "set_stance"):
+        return torch.compiler.set_stance("force_eager")
+    return torch._dynamo.config.patch(disable=True)

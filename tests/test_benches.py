@@ -31,11 +31,6 @@ def test_sigreg_bench(tmp_path):
     assert row[0] == "64" and float(row[-1]) < 1e-4  # the same value as the recurrence
 
 
-def test_checkpoint_bench(tmp_path):
-    out = bench("checkpoint_bench.py", "--model", "resnet18", "--dir", tmp_path, "--repeats", 2)
-    assert "Checkpointer (copy + thread): stall" in out
-
-
 def test_multicrop_bench(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(4):

@@ -38,13 +38,16 @@ def test_cpu_form_writes_every_items_rows_with_sane_values(tmp_path):
     assert v["sigreg_value_rel_err"] < 1e-5 and v["sigreg_grad_rel_err"] < 1e-4
     assert v["bf16_autocast_rel_err"] < 1e-5 and v["bf16_autocast_fp32_out"] == 1
     assert v["colour_max_abs_diff"] < 1e-5  # CPU against CPU here; on a GPU the table shows the real gap
-    # 2. the step, eager and compiled (the CPU form compiles with the "eager" backend: dynamo only)
-    for tag in ("eager", "compiled"):
+    # 2. the step and the backbone alone, eager and compiled (the CPU form compiles with the "eager" backend:
+    # dynamo only); the backbone alone reuses the step's compiled backbone
+    for tag in ("eager", "compiled", "backbone_eager", "backbone_compiled"):
         assert v[f"host_syncs_{tag}"] == 0 and v[f"images_per_s_{tag}"] > 0, v
-    parts = ("sigreg", "heads", "colour", "colour_per_resolution")
-    assert v["step_tflop"] > 0 and all(v[f"part_ms_{k}"] > 0 for k in parts)
-    # 3. SIGReg against the naive formula: same values
-    assert all(v[f"sigreg_rel_diff_{n}"] < 1e-4 and v[f"naive_ms_{n}"] > 0 for n in (256, 1024))
+    assert v["compile_graphs"] > 0 and v["compile_graphs_backbone_alone"] == 0
+    parts = ("sigreg", "heads", "colour", "colour_compiled")
+    assert 0 < v["backbone_tflop"] < v["step_tflop"] and all(v[f"part_ms_{k}"] > 0 for k in parts)
+    assert {"gap_ms_eager", "gap_ms_compiled"} <= set(v) and "beyond the backbone alone" in table
+    # 3. SIGReg (the direct form) against the recurrence: same values
+    assert all(v[f"sigreg_rel_diff_{n}"] < 1e-4 and v[f"recurrence_ms_{n}"] > 0 for n in (256, 1024))
     # 4. the data path
     assert v["worker_images_per_s_per_core"] > 0 and v["cifar_worker_images_per_s_per_core"] > 0
     assert v["cores_per_gpu"] > 0

@@ -207,6 +207,7 @@ def test_unknown_short_name_and_bad_shots():
         lp.parse_config(["--model", "pixels", "--shots", "ten"])
     assert "--shots" in str(e.value)
     for argv, words in ((["--model", "pixels", "--draws", "0"], "--draws must be >= 1"),
+                        (["--model", "vit_no_such_model"], "unknown timm model 'vit_no_such_model'"),
                         (["--model", "pixels", "--pretrained", "true"], "does not go with"),
                         (["--checkpoint", "ckpt.pt", "--pretrained", "true"], "does not go with")):
         with pytest.raises(SystemExit) as e:

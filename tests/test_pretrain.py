@@ -413,8 +413,10 @@ def test_patch_size_of_timm_families():
 
 
 def test_the_commands_in_the_docstring_and_the_readme_parse():
-    """Every minimal_vit_inet.py command shown to users passes parse_config (their folders do not exist here)."""
-    text = (mvi.__doc__ + open(ROOT / "README.md").read()).replace("\\\n", " ")
+    """Every minimal_vit_inet.py command shown to users (the docstring, README.md, docs/) passes parse_config
+    (their folders do not exist here)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = (mvi.__doc__ + "".join(page.read_text() for page in pages)).replace("\\\n", " ")
     commands = [line.split("minimal_vit_inet.py", 1)[1].split("#")[0].split() for line in text.splitlines()
                 if "minimal_vit_inet.py --" in line and "--export" not in line]
     assert len(commands) >= 5, commands
