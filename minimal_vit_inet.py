@@ -8,8 +8,7 @@ LeJEPA (Balestriero & LeCun, arXiv 2511.08544): no teacher, no stop-gradient, no
 
 Reading order: Config | 1. views | 2. model | 3. loss | 4. optimiser and schedule | 5. training step |
 6. main; then, after one banner, the plumbing: command line, processes and faults, data, checkpoints, logs.
-Measured (README): resnet18 on CIFAR-10, 192 s of pretraining on one H100, then linear_probe.py: 54.8% top-1
-against 23.9% at random init; the official recipe's ViT-L/14 step: 197 images/s on one H100 (231 compiled).
+Measured (README): the official recipe's step on an H100; CIFAR-10 pretraining on an H100 and a 2-core CPU.
 
     python minimal_vit_inet.py --model vit_small_patch16_224 --local_size 96  # one GPU, or the CPU
     torchrun --nproc_per_node=8 minimal_vit_inet.py  # one node: the official recipe (batch 512 = 8 x 64)
@@ -100,8 +99,7 @@ class Config:  # every field is a flag: --field value (bools: true / false)
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Views. Official README table: RandomResizedCrop, flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8,
-# grayscale 0.2, Gaussian blur 0.5, solarize 0.2. DataLoader workers decode, crop, resize, flip and draw the
-# rest (7.8x the images/s per core of plain torchvision); the colour ops run batched on the training device.
+# grayscale 0.2, Gaussian blur 0.5, solarize 0.2. Workers crop and draw; the colours are done on the device.
 
 class MultiCrop:
     """mc(img, g) -> [(pixels uint8 (3, S, S), colour draws (11,))] for n_global, then n_local views.
@@ -147,29 +145,40 @@ FACTORS, GRAY, SIGMA, SOLARIZE = 4, 8, 9, 10  # columns of the colour draws afte
 
 
 def colour_augment(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
-    """uint8 views (N, 3, H, W) and their draws (N, 11) -> float32 (N, 3, H, W), augmented and normalised.
-    Every op runs on every image, made the identity where the image did not draw it: static shapes, no host
-    sync, one compiled graph per view size, 146 ops per call (a GPU was launch-bound on the 2,934 of a step
-    that gathered each op's images: 17% of the compiled step); on the 2-core CPU it is 3-5x slower."""
+    """uint8 views (N, 3, H, W) and draws (N, 11) -> float32, augmented and normalised. Every op runs on every
+    image, the identity where the image did not draw it: static shapes, no host sync, one compiled graph per
+    view size, 134 ops per call (a GPU was launch-bound on the 2,934 ops of a step that gathered images)."""
     x = x / 255  # uint8 -> float32 in [0, 1]
     c = colour.view(len(x), 11, 1, 1, 1)  # c[:, j] is (N, 1, 1, 1): broadcasts over channels and pixels
-    order = c[:, :4]  # (N, 4 slots, 1, 1, 1): the jitter op of each slot, -1 when jitter is off
+    order = c[:, :4]  # (N, 4 slots, 1, 1, 1): the jitter op of each slot (3: hue), -1 when jitter is off
     factor = c[:, FACTORS:FACTORS + 4].gather(1, order.long().clamp(min=0))  # the factor of each slot's op
-    factor = torch.where(order >= 0, factor, 1.0)  # jitter off: 1, the blend leaves the image exactly as is
-    drawn = (c > 0).unbind(1)  # drawn[GRAY], drawn[SIGMA], drawn[SOLARIZE] (N, 1, 1, 1): the image draws it
+    factor = torch.where(order >= 0, factor, 1.0)  # jitter off: 1, and a blend by 1 gives the image exactly
+    # The hue, the costly op, runs once at a fixed place: the blends of the slots before it, the hue, the
+    # blends of the slots after it; a slot's blend outside its phase has the factor 1.
+    hue_at = (order == 3).float().argmax(1, keepdim=True)  # the hue's slot (0 when jitter is off)
+    slot = channel_constant((0.0, 1, 2, 3), x.device)[..., None]  # (1, 4, 1, 1, 1)
+    before = torch.where(slot < hue_at, factor, 1.0).unbind(1)  # 4 x (N, 1, 1, 1)
+    after = torch.where(slot > hue_at, factor, 1.0).unbind(1)
+    for s in range(3):
+        x = blend(x, order[:, s], before[s])
     turn = channel_constant((5.0, 3, 1), x.device) + 6 * c[:, FACTORS + 3]  # (N, 3, 1, 1): see rotate_hue
-    for op, f in zip(order.unbind(1), factor.unbind(1)):  # the 4 slots in turn; (N, 1, 1, 1) each
-        _, contrast, saturation, hue = (op == channel_constant((0.0, 1, 2, 3), x.device)).split(1, 1)
-        grey = grayscale(x)  # (N, 1, H, W)
-        # one blend for the three: towards 0 (brightness), the mean grey (contrast) or the grey (saturation)
-        target = torch.where(saturation, grey, contrast * grey.mean((2, 3), keepdim=True))
-        blended = torch.lerp(target, x, f).clamp(0, 1)  # f x + (1 - f) target; f = 1 gives x exactly
-        x = torch.where(hue, rotate_hue(x, turn), blended)  # a hue slot's blend (f = the shift) is unused
+    x = torch.where(order[:, 0] >= 0, rotate_hue(x, turn), x)  # every image that draws jitter draws a hue
+    for s in range(1, 4):
+        x = blend(x, order[:, s], after[s])
+    drawn = (c > 0).unbind(1)  # drawn[GRAY], drawn[SIGMA], drawn[SOLARIZE] (N, 1, 1, 1): the image draws it
     x = torch.where(drawn[GRAY], grayscale(x), x)
     # the images that draw no blur stay exact whatever the convolution's precision (cuDNN may use TF32)
     x = torch.where(drawn[SIGMA], gaussian_blur(x, colour[:, SIGMA]), x)
     x = torch.where(drawn[SOLARIZE] & (x >= 128 / 255), 1 - x, x)  # solarize at 128 of 255
     return normalize(x, scale=1.0)
+
+
+def blend(x, op, f):
+    """Brightness (op 0), contrast (1) or saturation (2), per image: f x + (1 - f) target, the target 0, the
+    mean grey or the grey; f = 1 gives x exactly. x (N, 3, H, W); op, f (N, 1, 1, 1)."""
+    grey = grayscale(x)  # (N, 1, H, W)
+    target = torch.where(op == 2, grey, (op == 1) * grey.mean((2, 3), keepdim=True))
+    return torch.lerp(target, x, f).clamp(0, 1)
 
 
 def grayscale(x):  # (N, 3, H, W) -> (N, 1, H, W), ITU-R 601-2 luma as torchvision
@@ -179,12 +188,11 @@ def grayscale(x):  # (N, 3, H, W) -> (N, 1, H, W), ITU-R 601-2 luma as torchvisi
 def rotate_hue(x, turn):
     """Rotate the hue, keeping saturation and value. With max, min, delta = max - min and the hue h in sixths
     of a turn, channel n (r: 5, g: 3, b: 1) is max - delta * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6:
-    the HSV -> RGB formula with S * V = delta. x (N, 3, H, W); turn (N, 3, 1, 1) = (5, 3, 1) + 6 * shift."""
+    the HSV -> RGB formula with S * V = delta. x (N, 3, H, W); turn (N, 3, 1, 1) = (5, 3, 1) + 6 * shift.
+    A grey pixel (delta 0) gets any h: it is multiplied by delta (the clamp moves others by 1e-12 at most)."""
     hi, top = x.max(1, keepdim=True)  # (N, 1, H, W): the max and its channel (tied channels give one hue)
     delta = hi - x.amin(1, keepdim=True)
-    # h = (g - b, b - r, r - g)[top] / delta + (0, 2, 4)[top]; grey pixels (delta 0) get any h: it is
-    # multiplied by delta, and the clamp moves the result by at most 1e-12 elsewhere
-    diff = x.roll(-1, 1) - x.roll(-2, 1)  # (g - b, b - r, r - g)
+    diff = x.roll(-1, 1) - x.roll(-2, 1)  # (g - b, b - r, r - g); h = diff[top] / delta + (0, 2, 4)[top]
     h = torch.addcdiv(channel_constant((0.0, 2, 4), x.device), diff, delta.clamp(min=1e-12)).gather(1, top)
     k = (h + turn) % 6  # (N, 3, H, W); addcdiv and addcmul: one op each instead of two
     return torch.addcmul(hi, delta, torch.minimum(k, 4 - k).clamp(0, 1), value=-1)  # hi - delta * (...)
@@ -207,8 +215,7 @@ def gaussian_blur(x, sigma, size=23):
 # 2. Model: timm backbone -> embedding (the probe reads it) -> projector (the loss reads it)
 
 def build_backbone(name: str, img_size: int = 224, drop_path: float = 0.0) -> nn.Module:
-    """A timm model from scratch without classifier: model(x) is the (B, D) embedding. ViTs get
-    dynamic_img_size, so one model takes the global and the local views."""
+    """A timm model from scratch, no classifier: model(x) is the (B, D) embedding; ViTs take any view size."""
     kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path)
     try:
         return timm.create_model(name, img_size=img_size, dynamic_img_size=True, **kwargs)
@@ -239,9 +246,8 @@ class LeJEPA(nn.Module):
 # 3. Loss: invariance to the global views' mean + SIGReg on every view
 
 def lejepa_loss(proj: torch.Tensor, n_global: int, sigreg: nn.Module, lamb: float):
-    """proj (V, N, P), globals first -> (loss, invariance, sigreg). The invariance is the mean over views,
-    images and dims of (z_vn - c_n)^2, c_n the mean of image n's global views: every view, globals included,
-    is pulled to the centre. SIGReg is taken per view and averaged."""
+    """proj (V, N, P), globals first -> (loss, invariance, sigreg). Invariance: the mean of (z_vn - c_n)^2,
+    c_n the mean of image n's global views, over every view (globals too); SIGReg per view, then averaged."""
     proj = proj.float()  # bf16 under autocast: the loss is taken in fp32
     centers = proj[:n_global].mean(0)  # (N, P)
     invariance = (proj - centers).square().mean()
@@ -262,7 +268,7 @@ def lr_at(step: int, total: int, warmup: int, lr: float, final_div: float = 1000
 
 
 def build_training(cfg: Config, num_classes: int, device: torch.device):
-    """-> (model, SIGReg, AdamW, peak lr of each parameter group)."""
+    """-> (model, SIGReg, AdamW); each parameter group holds its peak_lr for the schedule."""
     torch.manual_seed(cfg.seed)  # initial weights given by --seed (DDP then copies rank 0's to the others)
     backbone = build_backbone(cfg.model, cfg.global_size, cfg.drop_path)
     model = LeJEPA(backbone, cfg.proj_hidden, cfg.proj_dim, num_classes)
@@ -274,18 +280,19 @@ def build_training(cfg: Config, num_classes: int, device: torch.device):
     # official README: 5e-2 for ViTs (models with a patch embedding), 5e-4 for ResNets (and other convnets)
     wd = cfg.weight_decay if cfg.weight_decay >= 0 else 5e-2 if hasattr(backbone, "patch_embed") else 5e-4
     net = [p for name, p in model.named_parameters() if not name.startswith("probe.")]
-    groups = [dict(params=[p for p in net if p.ndim >= 2], weight_decay=wd),  # no decay on biases and norms
-              dict(params=[p for p in net if p.ndim < 2], weight_decay=0.0)]
+    groups = [dict(params=[p for p in net if p.ndim >= 2], weight_decay=wd, peak_lr=cfg.lr),
+              dict(params=[p for p in net if p.ndim < 2], weight_decay=0.0, peak_lr=cfg.lr)]  # biases, norms
     if model.probe is not None:  # the probe has its own lr and decay
-        groups.append(dict(params=list(model.probe.parameters()), weight_decay=cfg.probe_weight_decay))
+        groups.append(dict(params=list(model.probe.parameters()), weight_decay=cfg.probe_weight_decay,
+                           peak_lr=cfg.probe_lr))
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)  # fused: one kernel, no host sync
-    return model, sigreg, optimizer, [cfg.lr, cfg.lr, cfg.probe_lr][:len(groups)]
+    return model, sigreg, optimizer
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 5. Training step: views -> embeddings -> loss -> AdamW, with no host sync
 
-def train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device) -> torch.Tensor:
+def train_step(model, optimizer, sigreg, batch, cfg, autocast, device) -> torch.Tensor:
     """batch: per view size, uint8 views (V_s * N, 3, S, S) and draws (V_s * N, 11); labels (N,). Copies are
     non-blocking (pinned memory), nothing read back -> (loss, invariance, sigreg, probe loss), on device."""
     groups, labels = batch
@@ -293,8 +300,6 @@ def train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device) -> t
     xs = [augment(x.to(device, non_blocking=True), c.to(device, non_blocking=True))
           .contiguous(memory_format=torch.channels_last) for x, c in groups]
     labels = labels.to(device, non_blocking=True)
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
     with autocast:
         emb, proj, logits = model(xs, len(labels), cfg.n_global)  # (V, N, D), (V, N, P), (G * N, C)
         loss, inv, sig = lejepa_loss(proj, cfg.n_global, sigreg, cfg.lamb)
@@ -308,52 +313,47 @@ def train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device) -> t
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6. main: set up, then the loop; epoch ends and saves come before the step they precede, so the last pass
-# (step == total) evaluates, saves and exports in the same place.
+# 6. main: set up, then the loop. Iteration `step` first does what is due after `step` steps (the epoch's
+# probe, a checkpoint, or the end), then trains step `step`; so the last pass, step == total, only the former.
 
 def main(cfg: Config):
     ddp, rank, world, device = setup_distributed()
     signal.signal(signal.SIGTERM, lambda *_: STOP.set())  # preemption: checkpoint at the next log step, exit
-    saved = claim_out_dir(cfg, rank, world)  # the step of the checkpoint in out_dir, 0 = none
-    if cfg.stop_after and saved >= cfg.stop_after:
-        return print0(f"nothing to do: the checkpoint is at step {saved}, --stop_after {cfg.stop_after}")
+    saved_step = claim_out_dir(cfg, rank, world)  # the step of the checkpoint in out_dir, 0 = none
     data = load_data(cfg, rank, world)
-    model, sigreg, optimizer, base_lrs = build_training(cfg, data.num_classes, device)
+    model, sigreg, optimizer = build_training(cfg, data.num_classes, device)
     seed_rank(cfg.seed, rank)  # from here each rank draws its own (stochastic depth)
-    start = load_checkpoint(cfg, model, optimizer, sigreg) if saved else 0
+    start = load_checkpoint(cfg, model, optimizer, sigreg) if saved_step else 0
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     total, warmup = cfg.epochs * data.steps_per_epoch, round(cfg.warmup_epochs * data.steps_per_epoch)
     print_setup(cfg, data, model, optimizer, world, device, total, warmup, start)
     log = Logger(cfg, start) if rank == 0 else None
     bar = tqdm(total=total, initial=start, disable=rank != 0, file=sys.stdout)  # stderr: errors alone
-    bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss so far: kept on the device
-    batches, acc = None, None
-    for step in range(start, total + 1):  # step = steps done; the last pass only evaluates and saves
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss: kept on the device
+    batches, acc, stop, sigterm = None, None, False, False
+    for step in range(start, total + 1):
         epoch, offset = divmod(step, data.steps_per_epoch)
         if step > start and offset == 0 and data.val_loader is not None:  # an epoch ended: the online probe
             acc = evaluate_probe(model, data.val_loader, device, autocast, step, epoch - 1, log)
-        if step > start and (offset == 0 or step % cfg.save_every == 0):
-            saved = save_checkpoint(cfg, model, optimizer, sigreg, step, bad, saved, ddp)
-        if step == total:
+        if step > start and (offset == 0 or step % cfg.save_every == 0 or stop):
+            saved_step = save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite, saved_step, ddp)
+        if step == total or stop:
             break
         if batches is None or offset == 0:  # a new epoch, or a resume mid-epoch
             batches = train_batches(cfg, data.views, epoch, offset, rank, world, data.steps_per_epoch)
-        lrs = [lr_at(step, total, warmup, base, cfg.final_lr_div) for base in base_lrs]
-        terms = train_step(train_model, optimizer, sigreg, next(batches), lrs, cfg, autocast, device)
-        bad |= ~torch.isfinite(terms).all()  # read back at the log interval: no host sync here
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, warmup, group["peak_lr"], cfg.final_lr_div)
+        terms = train_step(train_model, optimizer, sigreg, next(batches), cfg, autocast, device)
+        nonfinite |= ~torch.isfinite(terms).all()  # read back at the log interval: no host sync here
         bar.update(1)
-        done = step + 1
-        stopping = cfg.stop_after and done >= cfg.stop_after
-        if done % cfg.log_every == 0 or step == start or stopping:
-            sigterm = log_step(cfg, done, epoch, terms, lrs, bad, saved, ddp, bar, log)
-            if sigterm or stopping:
-                save_checkpoint(cfg, model, optimizer, sigreg, done, bad, saved, ddp)
-                print0(f"stopped after step {done}{' (SIGTERM)' if sigterm else ''}; resume with the same "
-                       f"command and --out_dir {cfg.out_dir}")
-                break
+        if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == cfg.stop_after:
+            sigterm = log_step(cfg, step + 1, epoch, terms, optimizer, nonfinite, saved_step, ddp, bar, log)
+            stop = sigterm or step + 1 == cfg.stop_after
     bar.close()
-    if log and step == total:  # the end of the run: the backbone in timm's Hugging Face format
+    if stop and step < total:
+        print0(f"stopped after step {step}{' (SIGTERM)' if sigterm else ''}; resume with the same command")
+    if log and start < step == total:  # the end of the run: the backbone in timm's Hugging Face format
         export_for_hub(model.backbone, cfg, total, os.path.join(cfg.out_dir, "export"), acc)
     if log:
         log.close()
@@ -379,18 +379,19 @@ def evaluate_probe(model, loader, device, autocast, step=0, epoch=0, log=None) -
     return acc
 
 
-def log_step(cfg, step, epoch, terms, lrs, bad, saved, ddp, bar, log) -> bool:
-    """The log interval: the one host sync of training. True when a SIGTERM reached any rank."""
-    stop = check_health(cfg, bad, step, saved, ddp)  # every rank decides alike
+def log_step(cfg, step, epoch, terms, optimizer, nonfinite, saved_step, ddp, bar, log) -> bool:
+    """The log interval, on every rank: the one host sync of training. True if a SIGTERM reached any rank."""
+    sigterm = check_health(cfg, nonfinite, step, saved_step, ddp)
     if log:
         loss, inv, sig, probe_loss = terms.tolist()
-        now, (then, then_step) = time.perf_counter(), log.clock  # since the last log line (or the start)
-        log.clock, images_per_s = (now, step), cfg.batch_size * (step - then_step) / (now - then)
-        bar.set_postfix(loss=f"{loss:.4f}", inv=f"{inv:.4f}", sigreg=f"{sig:.3f}", lr=f"{lrs[0]:.2e}",
+        lr, (then, then_step) = optimizer.param_groups[0]["lr"], log.clock  # since the last log line
+        log.clock = (time.perf_counter(), step)
+        images_per_s = cfg.batch_size * (step - then_step) / (log.clock[0] - then)
+        bar.set_postfix(loss=f"{loss:.4f}", inv=f"{inv:.4f}", sigreg=f"{sig:.3f}", lr=f"{lr:.2e}",
                         img_s=f"{images_per_s:.0f}")
-        log(dict(step=step, epoch=epoch, loss=loss, invariance=inv, sigreg=sig, probe_loss=probe_loss,
-                 lr=lrs[0], images_per_s=images_per_s))
-    return stop
+        log(dict(step=step, epoch=epoch, loss=loss, invariance=inv, sigreg=sig, probe_loss=probe_loss, lr=lr,
+                 images_per_s=images_per_s))
+    return sigterm
 
 
 # =========================================================================================================
@@ -402,7 +403,7 @@ def parse_config(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         if f.type is bool:
-            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+            p.add_argument(f"--{f.name}", type=flag, default=f.default)
         else:  # the crop scales take two numbers
             two = isinstance(f.default, tuple)
             p.add_argument(f"--{f.name}", type=float if two else type(f.default), nargs=2 if two else None,
@@ -415,7 +416,8 @@ def parse_config(argv=None) -> Config:
     checks += [(getattr(cfg, k) >= 0, f"--{k} must be >= 0, got {getattr(cfg, k)}") for k in not_negative]
     local = cfg.dataset.startswith(("/", ".", "~")) or cfg.dataset.count("/") > 1  # a path, not owner/name
     checks += [
-        (0 <= cfg.lamb <= 1 and cfg.drop_path < 1, "--lamb must be in [0, 1] and --drop_path < 1"),
+        (0 <= cfg.lamb <= 1, f"--lamb must be in [0, 1], got {cfg.lamb}"),
+        (cfg.drop_path < 1, f"--drop_path must be < 1, got {cfg.drop_path}"),
         (all(0 < a <= b <= 1 for a, b in (cfg.global_scale, cfg.local_scale)),
          "crop scales need 0 < min <= max <= 1"),
         (cfg.warmup_epochs < cfg.epochs, f"--warmup_epochs {cfg.warmup_epochs} is not shorter than --epochs "
@@ -434,6 +436,12 @@ def parse_config(argv=None) -> Config:
     if cfg.warmup_epochs < 0:  # auto: 10 epochs, at most a tenth of the run
         cfg.warmup_epochs = min(10.0, cfg.epochs / 10)
     return cfg
+
+
+def flag(text: str) -> bool:  # --field true / false; a typo is refused, not read as false
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1", "yes")
 
 
 def patch_size(model: str) -> int:
@@ -527,12 +535,20 @@ def claim_out_dir(cfg: Config, rank: int, world: int) -> int:
             sys.exit(f"error: {path} belongs to another run ({'; '.join(diff)}); use another --out_dir, or "
                      f"the same settings to resume it")
         step = saved["step"]
-    holder = [lock_out_dir(cfg.out_dir) if rank == 0 else 0]
+    mine = (lock_out_dir(cfg.out_dir) if rank == 0 else 0, step)  # rank 0: the lock holder's pid, 0 if none
+    claims = [mine] * world
     if world > 1:
-        dist.broadcast_object_list(holder, src=0)  # every rank learns the holder's pid, and ends alike
-    if holder[0]:
-        sys.exit(f"error: {cfg.out_dir} is in use by another run (pid {holder[0]} holds {cfg.out_dir}/lock); "
+        dist.all_gather_object(claims, mine)  # every rank learns every claim: all end alike
+    holder, steps = claims[0][0], [s for _, s in claims]
+    if holder:
+        sys.exit(f"error: {cfg.out_dir} is in use by another run (pid {holder} holds {cfg.out_dir}/lock); "
                  f"wait for it to end, stop it, or pass another --out_dir")
+    if len(set(steps)) > 1:  # a node that sees another folder would resume elsewhere, or not at all
+        sys.exit(f"error: the ranks find checkpoints of steps {steps} in --out_dir {cfg.out_dir}: it must be "
+                 f"one folder that every node sees")
+    if cfg.stop_after and step >= cfg.stop_after:  # a time-limited job that is done already
+        print0(f"nothing to do: the checkpoint is at step {step}, --stop_after {cfg.stop_after}")
+        sys.exit(0)
     return step
 
 
@@ -558,11 +574,11 @@ def _worker_init(worker_id):
         os.close(LOCK["fd"])
 
 
-def check_health(cfg, bad, step, saved, ddp, model=None) -> bool:
+def check_health(cfg, nonfinite, step, saved_step, ddp, model=None) -> bool:
     """The one host sync of training, at the log interval and before each save, all-reduced: every rank ends
     alike, in one line, if any saw a non-finite loss or (given the model) holds a non-finite weight, which a
     NaN gradient makes without touching the loss. True when a SIGTERM reached any rank."""
-    flags = [bad, torch.full_like(bad, STOP.is_set())]  # full, not tensor(): no copy from the host
+    flags = [nonfinite, torch.full_like(nonfinite, STOP.is_set())]  # full, not tensor(): no host copy
     if model is not None:
         flags.append(~torch.stack([p.isfinite().all() for p in model.parameters()]).all())
     flags = torch.stack(flags).float()
@@ -570,7 +586,8 @@ def check_health(cfg, bad, step, saved, ddp, model=None) -> bool:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad_loss, stop, *bad_weights = flags.tolist()
     if bad_loss or any(bad_weights):
-        last = f"the last good checkpoint is {cfg.out_dir}/ckpt.pt (step {saved})" if saved else "none saved"
+        last = f"the last good checkpoint is {cfg.out_dir}/ckpt.pt (step {saved_step})" if saved_step else \
+            "none saved"
         sys.exit(f"error: non-finite {'loss' if bad_loss else 'weights'} by step {step}; stopped, {last}")
     return bool(stop)
 
@@ -740,9 +757,9 @@ def compiled(fn):  # --compile: fn compiled at its first use, one graph per inpu
 
 # --- Checkpoints: a plain dict, written atomically by rank 0; resume reads it back.
 
-def save_checkpoint(cfg, model, optimizer, sigreg, step, bad, saved, ddp) -> int:
+def save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite, saved_step, ddp) -> int:
     """out_dir/ckpt.pt, written by rank 0 once every rank's loss and weights are finite. -> step."""
-    check_health(cfg, bad, step, saved, ddp, model)
+    check_health(cfg, nonfinite, step, saved_step, ddp, model)
     if int(os.environ.get("RANK", 0)) == 0:
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), sigreg=sigreg.state_dict(),
                      step=step, config=dataclasses.asdict(cfg))
@@ -753,6 +770,8 @@ def save_checkpoint(cfg, model, optimizer, sigreg, step, bad, saved, ddp) -> int
 def write_atomic(obj, path: str):
     with open(path + ".tmp", "wb") as f:  # same folder: os.replace is atomic, a crash never leaves half one
         torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, even if the machine then loses power
     os.replace(path + ".tmp", path)
 
 

@@ -25,7 +25,7 @@ class _GlobalMean(torch.autograd.Function):
     """Mean over the W ranks by a functional all-reduce (torch.compile traces it; "sum": gloo may lack "avg").
     The backward passes the gradient g through, exactly: every rank has the same loss from the same global
     ECF, so the same g; one process on the whole batch gives rank r's samples g/W * d ecf_r/dz, we give
-    g * d ecf_r/dz and DDP's mean supplies 1/W. No collective needs autograd (none had it till late 2025)."""
+    g * d ecf_r/dz, and DDP's mean supplies 1/W: no collective needs autograd (it had none till late 2025)."""
     @staticmethod
     def forward(ctx, x):
         return funcol.all_reduce(x, "sum", dist.group.WORLD) / dist.get_world_size()
@@ -71,7 +71,7 @@ class SlicingUnivariateTest(torch.nn.Module):
 
     def slices(self, dim, device, dtype=torch.float32):
         """The (dim, K) unit directions of the next call: the same on every rank, no host sync."""
-        # tuple hashes of ints are the same in every process; they mix into the low 32 bits the CPU uses
+        # int-tuple hashes are alike in every process (unsalted); the CPU generator keeps a seed's low 32 bits
         gen = torch.Generator(device).manual_seed(hash((self.seed, self.step)) % 2**63)
         a = torch.randn(dim, self.num_slices, generator=gen, device=device, dtype=dtype)
         return a / a.norm(dim=0)

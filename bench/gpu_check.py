@@ -438,13 +438,13 @@ def time_colour(batch, augment, sz: Sizes, device) -> float:
 def check_step(table: Table, device, sz: Sizes, jpegs, compile_limit_s: float):
     cfg = step_config(sz)
     torch.manual_seed(0)
-    model, sig, optimizer, lrs = mvi.build_training(cfg, 1000, device)  # the script's model and AdamW
+    model, sig, optimizer = mvi.build_training(cfg, 1000, device)  # the script's model and AdamW
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     batch = make_batch(jpegs, cfg, pin=device.type == "cuda")
     backbone_step = backbone_alone(model, batch, cfg, autocast, device)
 
     def step():
-        mvi.train_step(model, optimizer, sig, batch, lrs, cfg, autocast, device)
+        mvi.train_step(model, optimizer, sig, batch, cfg, autocast, device)
 
     step()  # the first calls make AdamW's state and the per-device constants
     backbone_step()

@@ -92,7 +92,7 @@ def main():
                      bf16=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     N, V = args.batch, args.n_global + args.n_local
-    model, sigreg, optimizer, lrs = mvi.build_training(cfg, args.num_classes, device)  # as the script
+    model, sigreg, optimizer = mvi.build_training(cfg, args.num_classes, device)  # as the script
     opt_backbone = torch.optim.AdamW(model.backbone.parameters(), lr=1e-4, fused=True)
     batch = make_batch(cfg, args.num_classes, pin=device.type == "cuda")
     # the inputs: per view size, the colour stage's output (V_s * N, 3, S, S), as train_step makes them
@@ -166,7 +166,7 @@ def main():
     syncs = []
     for _ in range(3):  # the first call builds the per-device constants
         with host_syncs.count(device) as syncs:
-            mvi.train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device)
+            mvi.train_step(model, optimizer, sigreg, batch, cfg, autocast, device)
     print(f"host syncs in a training step that does not log: {len(syncs)} (target 0){': ' if syncs else ''}"
           f"{', '.join(sorted(set(syncs)))}")
 

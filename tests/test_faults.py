@@ -267,6 +267,33 @@ def test_second_launch_on_an_out_dir_in_use_is_refused_and_touches_nothing(tmp_p
     assert f"start step {step}" in r.stdout and f"stopped after step {step + 1}" in r.stdout
 
 
+def test_an_out_dir_that_only_rank_0_sees_is_refused_by_every_rank(tmp_path, data):
+    """Nodes must share out_dir: a rank that sees another folder (here rank 1 is handed an empty one, as a node
+    without the shared filesystem would be) would resume at another step or none. Both ranks end in one line."""
+    out = tmp_path / "out"
+    r = run_script(tmp_path, "--dataset", str(data), "--epochs", "2", "--out_dir", str(out), *TINY, "--workers", "0",
+                   "--stop_after", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    wrapper = tmp_path / "rank1_elsewhere.py"  # rank 1 reads --out_dir as an empty folder of its own
+    wrapper.write_text("\n".join([
+        "import os, sys",
+        f"sys.path.insert(0, {str(ROOT)!r})",
+        "import minimal_vit_inet as mvi",
+        f"argv = [a if os.environ['RANK'] == '0' or a != {str(out)!r} else {str(tmp_path / 'elsewhere')!r}"
+        " for a in sys.argv[1:]]",
+        "mvi.run(mvi.main, mvi.parse_config(argv))"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(wrapper), "--dataset", str(data), "--epochs", "2", "--out_dir", str(out), *TINY, "--workers", "0"]
+    before = snapshot(out)
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if "every node sees" in line]
+    assert len(lines) == 2 and lines[0].startswith("error: the ranks find checkpoints of steps [2, 0]"), \
+        r.stderr[-3000:]
+    before.pop("lock")  # rank 0 took the lock (its pid is in the file): nothing else changed
+    assert {name: v for name, v in snapshot(out).items() if name != "lock"} == before
+
+
 def test_training_processes_exit_when_torchrun_is_killed(tmp_path, data):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",

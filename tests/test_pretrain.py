@@ -121,13 +121,13 @@ def test_a_training_step_never_waits_on_the_host(tmp_path, data, monkeypatch, bf
     views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), cfg.seed)
     batches = mvi.train_batches(cfg, views, 0, 0, 0, 1, 10)  # 1 DataLoader worker
     device = torch.device("cpu")
-    model, sigreg, optimizer, lrs = mvi.build_training(cfg, 4, device)
+    model, sigreg, optimizer = mvi.build_training(cfg, 4, device)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     bad, counts = torch.zeros((), dtype=torch.bool, device=device), []
     for step in range(3):
         batch = next(batches)
         with host_syncs.count(device) as syncs:
-            terms = mvi.train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device)
+            terms = mvi.train_step(model, optimizer, sigreg, batch, cfg, autocast, device)
             bad |= ~torch.isfinite(terms).all()  # as main() does
         counts.append(syncs)
     batches.close()  # stops the DataLoader worker now
@@ -169,7 +169,7 @@ def test_compiled_backbone_does_not_recompile_after_the_first_epoch(tmp_path, da
     views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), cfg.seed)
     val_loader = mvi.eval_loader(cfg, val, "image", "label", 0, 1, 12)  # 40 images: batches of 12, 12, 12, 4
     device = torch.device("cpu")
-    model, sigreg, optimizer, lrs = mvi.build_training(cfg, 4, device)
+    model, sigreg, optimizer = mvi.build_training(cfg, 4, device)
     graphs, colour_graphs = [], []
 
     def recording_backend(found):
@@ -188,7 +188,7 @@ def test_compiled_backbone_does_not_recompile_after_the_first_epoch(tmp_path, da
         before = len(graphs) + len(colour_graphs)
         batches = mvi.train_batches(cfg, views, epoch, 0, 0, 1, 3)
         for batch in batches:
-            mvi.train_step(model, optimizer, sigreg, batch, lrs, cfg, autocast, device)
+            mvi.train_step(model, optimizer, sigreg, batch, cfg, autocast, device)
         assert 0 <= mvi.evaluate_probe(model, val_loader, device, autocast) <= 1
         per_epoch.append(len(graphs) + len(colour_graphs) - before)
     torch._dynamo.reset()
@@ -248,13 +248,13 @@ def test_ddp_keeps_every_ranks_parameters_identical(tmp_path, data):
         "cfg = mvi.parse_config(sys.argv[1:])",
         "ddp, rank, world, device = mvi.setup_distributed()",
         "data = mvi.load_data(cfg, rank, world)",
-        "model, sigreg, optimizer, lrs = mvi.build_training(cfg, data.num_classes, device)",
+        "model, sigreg, optimizer = mvi.build_training(cfg, data.num_classes, device)",
         "mvi.seed_rank(cfg.seed, rank)",
         "ddp_model = torch.nn.parallel.DistributedDataParallel(model)",
         "autocast = torch.autocast('cpu', enabled=False)",
         "batches = mvi.train_batches(cfg, data.views, 0, 0, rank, world, 3)",
         "for batch in batches:",
-        "    mvi.train_step(ddp_model, optimizer, sigreg, batch, lrs, cfg, autocast, device)",
+        "    mvi.train_step(ddp_model, optimizer, sigreg, batch, cfg, autocast, device)",
         "params = dict(model.named_parameters())  # (BatchNorm's running statistics are each rank's until DDP's next",
         "torch.save([batch[1], params, optimizer.state_dict()['state']], f'{sys.argv[-1]}/rank{rank}.pt')  # forward)",
         "mvi.close_distributed(ddp)"]))
@@ -312,6 +312,24 @@ def test_stop_after_at_or_below_the_resumed_step_does_nothing(tmp_path, data, fu
     assert r.returncode == 0, r.stderr[-3000:]
     assert "nothing to do" in r.stdout and "step 20" in r.stdout and "--stop_after 7" in r.stdout
     assert files() == before
+
+
+def test_a_stop_on_an_epoch_end_evaluates_and_a_stop_on_the_last_step_exports(tmp_path, data):
+    """--stop_after on an epoch's last step still runs that epoch's probe before it saves; at the run's last
+    step it is the end of the run: the probe, the checkpoint and the export, as without the flag."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "2", "--out_dir",
+           str(out), *TINY, "--workers", "0", "--steps_per_epoch", "3"]
+    r = subprocess.run(cmd + ["--stop_after", "3"], cwd=ROOT, env=env(tmp_path), capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0 and "stopped after step 3" in r.stdout, r.stderr[-3000:]
+    assert [rec["step"] for rec in read_metrics(out) if "probe_acc" in rec] == [3] and not (out / "export").exists()
+    r = subprocess.run(cmd + ["--stop_after", "6"], cwd=ROOT, env=env(tmp_path), capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0 and "start step 3" in r.stdout and "stopped after" not in r.stdout, r.stderr[-3000:]
+    assert [rec["step"] for rec in read_metrics(out) if "probe_acc" in rec] == [3, 6]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
+    assert "% (online linear probe" in (out / "export" / "README.md").read_text()
 
 
 def test_sigterm_writes_checkpoint_and_exits(tmp_path, data):
@@ -393,6 +411,15 @@ def test_bad_arguments_fail_fast_with_one_line():
     assert mvi.parse_config(["--dataset", "frgfm/imagenette"]).dataset == "frgfm/imagenette"  # a hub id is no path
     cfg = mvi.parse_config(["--global_scale", "0.4", "0.9", "--bf16", "false", "--lr", "1e-3"])
     assert cfg.global_scale == (0.4, 0.9) and cfg.bf16 is False and cfg.lr == 1e-3
+
+
+def test_a_mistyped_boolean_flag_is_refused(capsys):
+    """--compile on / ture would otherwise be read as false, silently."""
+    for word in ("on", "ture"):
+        with pytest.raises(SystemExit):
+            mvi.parse_config(["--compile", word])
+        assert f"invalid flag value: '{word}'" in capsys.readouterr().err
+    assert mvi.parse_config(["--compile", "TRUE", "--bf16", "0"]).compile is True
 
 
 def test_a_short_run_gets_a_warm_up_of_a_tenth_of_it():
