@@ -21,8 +21,9 @@ rest of the budget, spread over as few epochs as hold them, with one warm-up + c
 Data: ../shared/data/cifar10-jpg.tar.gz (train/<class>/*.jpg 5000 per class, test/<class>/*.jpg 1000 per
 class), extracted once to --root; the bench skips with a message when the archive is absent.
 Measured (quiet 2-core CPU, torch 2.14.1, 30-minute budget), linear / k-NN top-1 on the test split:
-    resnet18 : 500 steps (1.3 epochs, 22.6 min + calibration) | LeJEPA 47.17 / 43.23, random init 23.84 / 23.39,
-               raw pixels 38.46 (linear) -> +23.3 points over random init: PASS
+    resnet18 : 2,418 steps (6.2 epochs, 29.8 min, 2026-12-01) | LeJEPA 52.21 / 48.08, random init 23.84 / 23.39,
+               raw pixels 38.46 / 45.57 -> +28.4 points over random init: PASS
+    resnet18 : 500 steps (1.3 epochs, 22.6 min, 2026-11-25: 47 img/s then) | LeJEPA 47.17 / 43.23 -> +23.3
     resnet10t: 682 steps (1.75 epochs, 26.2 min) | LeJEPA 51.32 / 46.88, random init 40.20 / 38.05 -> +11.1
 Probes: about 4.5 min per backbone; raw pixels 8 min the first time (features are cached in --out_dir).
 """
