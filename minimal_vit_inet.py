@@ -481,7 +481,7 @@ def setup_distributed():
 
 def close_distributed(ddp: bool):
     if ddp:
-        time.sleep(0.1)  # torch < 2.14: lets gloo's threads release their finished work (else a hang at exit)
+        time.sleep(0.1)  # lets gloo's threads release their finished work (else a hang, or an abort, at exit)
         dist.destroy_process_group()
 
 

@@ -90,6 +90,7 @@ import host_syncs  # noqa: E402
 import minimal_vit_inet as mvi  # noqa: E402
 import sigreg  # noqa: E402
 from sigreg_bench import recurrence_sigreg, saved_bytes  # noqa: E402
+from train_step_bench import backbone_alone  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -386,24 +387,6 @@ def measure_step(table: Table, tag: str, what: str, step, flops: float, images: 
     table.add(f"{what}: images/s, MFU, memory, host syncs per step",
               f"{images / seconds:.1f} img/s ({1e3 * seconds:.1f} ms/step), {mfu}{mem}, "
               f"{len(syncs)} host syncs (target 0){which}", **numbers)
-
-
-def backbone_alone(model, batch, cfg, autocast, device):
-    """A step of the backbone alone: forward on the step's views (one call per view size), backward of a
-    trivial loss, fused AdamW on the backbone's parameters. Its inputs went through the colour stage once,
-    beforehand (normalised float, channels_last, as train_step passes them), so a compiled backbone runs the
-    graphs the step compiled."""
-    xs = [mvi.colour_augment(x.to(device), c.to(device)).contiguous(memory_format=torch.channels_last)
-          for x, c in batch[0]]
-    optimizer = torch.optim.AdamW(model.backbone.parameters(), lr=cfg.lr, fused=True)
-
-    def step():
-        with autocast:
-            loss = torch.cat([model.backbone(x) for x in xs]).float().square().mean()  # (V * N, D) -> ()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
 
 
 def time_heads(model, sig, cfg, autocast, sz: Sizes, device) -> dict:

@@ -69,6 +69,24 @@ def make_batch(cfg: mvi.Config, num_classes: int, pin: bool):
     return groups, labels
 
 
+def backbone_alone(model, batch, cfg, autocast, device):
+    """A step of the backbone alone: forward on the step's views (one call per view size), backward of a
+    trivial loss, fused AdamW on the backbone's parameters. Its inputs went through the colour stage once,
+    beforehand (normalised float, channels_last, as train_step passes them), so a compiled backbone runs the
+    graphs the step compiled."""
+    xs = [mvi.colour_augment(x.to(device), c.to(device)).contiguous(memory_format=torch.channels_last)
+          for x, c in batch[0]]
+    optimizer = torch.optim.AdamW(model.backbone.parameters(), lr=cfg.lr, fused=True)
+
+    def step():
+        with autocast:
+            loss = torch.cat([model.backbone(x) for x in xs]).float().square().mean()  # (V * N, D) -> ()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="vit_tiny_patch16_224")
@@ -93,20 +111,15 @@ def main():
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     N, V = args.batch, args.n_global + args.n_local
     model, sigreg, optimizer = mvi.build_training(cfg, args.num_classes, device)  # as the script
-    opt_backbone = torch.optim.AdamW(model.backbone.parameters(), lr=1e-4, fused=True)
     batch = make_batch(cfg, args.num_classes, pin=device.type == "cuda")
     # the inputs: per view size, the colour stage's output (V_s * N, 3, S, S), as train_step makes them
     xs = [mvi.colour_augment(x.to(device), c.to(device)).contiguous(memory_format=torch.channels_last)
           for x, c in batch[0]]
     labels = batch[1].to(device)
+    backbone_alone_step = backbone_alone(model, batch, cfg, autocast, device)
 
     def backbone_step():
-        with autocast:
-            emb = torch.cat([model.backbone(x) for x in xs])  # (V * N, D)
-            loss = emb.float().square().mean()
-        opt_backbone.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_backbone.step()
+        backbone_alone_step()
         if device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -5,6 +5,7 @@ argv: output folder, then "autograd" or "no-autograd". "no-autograd" makes the f
 return a tensor without a gradient path, as torch before PyTorch PR 168140 did (issue 152127)."""
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -44,4 +45,6 @@ if __name__ == "__main__":
     one_sample = (loss.detach(), [p.grad.clone() for p in model.parameters()])
     torch.save({"steps": steps, "slices": slices, "one_sample": one_sample},
                os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    dist.barrier()
+    time.sleep(0.1)  # as minimal_vit_inet.close_distributed: gloo's threads release their work (else an abort)
     dist.destroy_process_group()
