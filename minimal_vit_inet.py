@@ -19,6 +19,7 @@ Measured (README): the official recipe's step on an H100; CIFAR-10 pretraining o
 Rerun the same command to resume. ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms, log in.
 """
 import argparse
+import ctypes
 import dataclasses
 import datetime
 import fcntl
@@ -228,8 +229,7 @@ class LeJEPA(nn.Module):
 
     def __init__(self, backbone, proj_hidden, proj_dim, num_classes=0):
         super().__init__()
-        D = backbone.num_features
-        self.backbone = backbone
+        self.backbone, D = backbone, backbone.num_features
         # BatchNorm keeps the start away from the all-zero point, where SIGReg's gradient vanishes
         self.projector = MLP(D, [proj_hidden, proj_hidden, proj_dim], norm_layer=nn.BatchNorm1d)
         self.probe = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, num_classes)) if num_classes else None
@@ -568,8 +568,11 @@ def lock_out_dir(out_dir: str) -> int:
 
 def _worker_init(worker_id):
     """DataLoader workers serve batches for 60 s after a SIGTERM to the process group, so that the main
-    process reaches its checkpoint, then end. They close the inherited lock: it goes with the main process."""
+    process reaches its checkpoint, then end; they die with their rank (one blocked on a pipe to a killed rank
+    stayed for hours), and close the inherited lock: it goes with the main process."""
     signal.signal(signal.SIGTERM, lambda *_: signal.alarm(60))  # SIGALRM's default action ends the worker
+    if hasattr(ctypes.CDLL(None), "prctl"):  # Linux; elsewhere DataLoader's own watchdog (a 5 s poll)
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG, a signal when the parent dies
     if LOCK["fd"] is not None:
         os.close(LOCK["fd"])
 

@@ -294,7 +294,23 @@ def test_an_out_dir_that_only_rank_0_sees_is_refused_by_every_rank(tmp_path, dat
     assert {name: v for name, v in snapshot(out).items() if name != "lock"} == before
 
 
+def processes_of(out: Path) -> list:
+    """Live processes (not zombies) whose command line names out: a run's ranks and their DataLoader workers."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if str(out).encode() in open(f"/proc/{pid}/cmdline", "rb").read() and \
+                    open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 def test_training_processes_exit_when_torchrun_is_killed(tmp_path, data):
+    """kill -9 of torchrun alone: its ranks notice and exit within seconds, and so do their DataLoader workers
+    (one blocked on a full pipe to its dead rank once stayed for hours), so nothing writes to out_dir or holds
+    memory and the lock is free."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "50", "--out_dir", str(out), *TINY]
@@ -303,14 +319,14 @@ def test_training_processes_exit_when_torchrun_is_killed(tmp_path, data):
                              start_new_session=True)
     wait_for_steps(p, out, 3)
     ranks = [rank_pid(p.pid, 0), rank_pid(p.pid, 1)]
+    running = processes_of(out)  # the ranks and their DataLoader workers
+    assert set(ranks) < set(running), (ranks, running)
     os.kill(p.pid, signal.SIGKILL)  # torchrun alone (the OOM killer, kill -9); its workers are not signalled
     p.wait()
     deadline = time.time() + 30
-    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() and
-                                         open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in ranks):
+    while time.time() < deadline and processes_of(out):
         time.sleep(0.2)
-    alive = [pid for pid in ranks if Path(f"/proc/{pid}").exists() and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
-    assert not alive, f"training processes {alive} outlived torchrun"
+    assert not processes_of(out), f"training processes {processes_of(out)} outlived torchrun"
     size = (out / "metrics.jsonl").stat().st_size
     time.sleep(3)
     assert (out / "metrics.jsonl").stat().st_size == size  # nobody writes there any more
