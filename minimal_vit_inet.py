@@ -618,7 +618,7 @@ def load_data(cfg: Config, rank: int, world: int):
     has_val = val is not None and label_col in val.features
     return argparse.Namespace(
         views=ViewsDataset(train, image_col, label_col, multicrop, cfg.seed), steps_per_epoch=steps,
-        num_classes=count_classes(train, label_col) if label_col else 0, per_rank=cfg.batch_size // world,
+        num_classes=count_classes(train, label_col) if label_col else 0,
         val_loader=eval_loader(cfg, val, image_col, label_col, rank, world) if has_val else None)
 
 
@@ -793,7 +793,7 @@ def print_setup(cfg, data, model, optimizer, world, device, total, warmup, start
     print0(f"torch {torch.__version__} | timm {timm.__version__} | datasets {datasets.__version__} | "
            f"{world} process(es) on {device.type} | {'bf16' if cfg.bf16 else 'fp32'}")
     print0("config: " + json.dumps(dataclasses.asdict(cfg)))
-    print0(f"derived: global batch {cfg.batch_size} ({data.per_rank}/rank) | views/step "
+    print0(f"derived: global batch {cfg.batch_size} ({cfg.batch_size // world}/rank) | views/step "
            f"{(cfg.n_global + cfg.n_local) * cfg.batch_size} | steps/epoch {data.steps_per_epoch} | total "
            f"steps {total} | warm-up {warmup} steps ({cfg.warmup_epochs:g} epochs) | weight decay "
            f"{optimizer.param_groups[0]['weight_decay']} | backbone {params:.1f}M params | probe classes "
