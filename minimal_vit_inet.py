@@ -70,6 +70,7 @@ class Config:  # every field is a flag: --field value (bools: true / false)
     local_size: int = 98  # px (14 divides both 224 and 98: one ViT-L/14 serves both)
     global_scale: tuple[float, float] = (0.3, 1.0)  # RandomResizedCrop area fraction
     local_scale: tuple[float, float] = (0.05, 0.3)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # ColorJitter: brightness, contrast, ...
     # model
     model: str = "vit_large_patch14_224"  # any timm name (ViT, ConvNeXt, ResNet, ...), trained from scratch
     drop_path: float = 0.0  # stochastic depth; > 0 makes resume not bit-exact (its RNG is not saved)
@@ -107,8 +108,8 @@ class MultiCrop:
     Every draw comes from the generator g, so a view depends only on the image and g's seed."""
 
     def __init__(self, global_size=224, local_size=98, n_global=2, n_local=6, global_scale=(0.3, 1.0),
-                 local_scale=(0.05, 0.3)):
-        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+                 local_scale=(0.05, 0.3), jitter=(0.4, 0.4, 0.2, 0.1)):
+        self.global_scale, self.local_scale, self.jitter = tuple(global_scale), tuple(local_scale), jitter
         self.kinds = [(global_size, self.global_scale)] * n_global
         self.kinds += [(local_size, self.local_scale)] * n_local
 
@@ -117,15 +118,15 @@ class MultiCrop:
         draws = [self.params(*img.size, size, scale, generator) for size, scale in self.kinds]
         return [(self.view(img, p), p["colour"]) for p in draws]
 
-    @staticmethod
-    def params(width, height, size, scale, g) -> dict:
+    def params(self, width, height, size, scale, g) -> dict:
         """One view's draws, with torchvision's samplers. colour = [order of the 4 jitter ops (-1 x 4: no
         jitter), brightness, contrast, saturation, hue, grayscale 0|1, blur sigma (0: none), solarize 0|1]."""
         with torch.random.fork_rng(devices=[]):  # get_params draw from the global RNG: lend it g's state
             torch.set_rng_state(g.get_state())
             shape = torch.empty(1, 1, 1).expand(3, height, width)  # get_params reads only the image's shape
             top, left, h, w = T.RandomResizedCrop.get_params(shape, scale, ratio=(3 / 4, 4 / 3))
-            order, *factors = T.ColorJitter.get_params((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
+            *bcs, hue = self.jitter  # torchvision's ranges: 1 -+ strength (>= 0), the hue -+ its strength
+            order, *factors = T.ColorJitter.get_params(*[(max(0, 1 - x), 1 + x) for x in bcs], (-hue, hue))
             sigma = T.GaussianBlur.get_params(0.1, 2.0)
             flip, jitter, gray, blur, solarize = torch.rand(5).tolist()
             g.set_state(torch.get_rng_state())
@@ -147,8 +148,7 @@ FACTORS, GRAY, SIGMA, SOLARIZE = 4, 8, 9, 10  # columns of the colour draws afte
 
 def colour_augment(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
     """uint8 views (N, 3, H, W) and draws (N, 11) -> float32, augmented and normalised. Every op runs on every
-    image, the identity where the image did not draw it: static shapes, no host sync, one compiled graph per
-    view size, 134 ops per call (a GPU was launch-bound on the 2,934 ops of a step that gathered images)."""
+    image, the identity where it did not draw it: static shapes, no host sync, one compiled graph per size."""
     x = x / 255  # uint8 -> float32 in [0, 1]
     c = colour.view(len(x), 11, 1, 1, 1)  # c[:, j] is (N, 1, 1, 1): broadcasts over channels and pixels
     order = c[:, :4]  # (N, 4 slots, 1, 1, 1): the jitter op of each slot (3: hue), -1 when jitter is off
@@ -404,10 +404,9 @@ def parse_config(argv=None) -> Config:
     for f in dataclasses.fields(Config):
         if f.type is bool:
             p.add_argument(f"--{f.name}", type=flag, default=f.default)
-        else:  # the crop scales take two numbers
-            two = isinstance(f.default, tuple)
-            p.add_argument(f"--{f.name}", type=float if two else type(f.default), nargs=2 if two else None,
-                           default=f.default)
+        else:  # tuples take as many numbers as their default: crop scales 2, jitter 4
+            n = len(f.default) if isinstance(f.default, tuple) else None
+            p.add_argument(f"--{f.name}", type=float if n else type(f.default), nargs=n, default=f.default)
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
     positive = ["batch_size", "global_size", "local_size", "n_global", "num_slices", "proj_hidden",
                 "proj_dim", "epochs", "lr", "log_every", "save_every", "final_lr_div"]
@@ -420,6 +419,7 @@ def parse_config(argv=None) -> Config:
         (cfg.drop_path < 1, f"--drop_path must be < 1, got {cfg.drop_path}"),
         (all(0 < a <= b <= 1 for a, b in (cfg.global_scale, cfg.local_scale)),
          "crop scales need 0 < min <= max <= 1"),
+        (min(cfg.jitter) >= 0 and cfg.jitter[3] <= 0.5, "--jitter strengths must be >= 0, the hue's <= 0.5"),
         (cfg.warmup_epochs < cfg.epochs, f"--warmup_epochs {cfg.warmup_epochs} is not shorter than --epochs "
                                          f"{cfg.epochs}: the learning rate would never reach its peak"),
         (timm.is_model(cfg.model), f"unknown timm model {cfg.model!r}; see timm.list_models('*vit*')"),
@@ -614,7 +614,7 @@ def load_data(cfg: Config, rank: int, world: int):
         sys.exit(f"error: --steps_per_epoch {steps} x --batch_size {cfg.batch_size} needs more than the "
                  f"{len(train)} images of {cfg.dataset}: at most {most}")
     multicrop = MultiCrop(cfg.global_size, cfg.local_size, cfg.n_global, cfg.n_local, cfg.global_scale,
-                          cfg.local_scale)
+                          cfg.local_scale, cfg.jitter)
     has_val = val is not None and label_col in val.features
     return argparse.Namespace(
         views=ViewsDataset(train, image_col, label_col, multicrop, cfg.seed), steps_per_epoch=steps,

@@ -79,6 +79,19 @@ def test_jitter_factors_and_blur_sigma_in_range(draws, kind):
     assert min(sigmas) < 0.2 and max(sigmas) > 1.9
 
 
+def test_jitter_strengths_set_torchvisions_ranges():
+    """--jitter b c s h draws brightness, contrast and saturation in [max(0, 1 - x), 1 + x] and the hue in
+    [-h, h], as torchvision's ColorJitter(b, c, s, h); a hue beyond half a turn is refused in one line."""
+    mc, g = mvi.MultiCrop(jitter=(0.8, 0.8, 1.2, 0.2)), torch.Generator().manual_seed(0)
+    c = torch.stack([mc.params(320, 240, 32, (0.3, 1.0), g)["colour"] for _ in range(3000)])
+    c = c[c[:, 0] >= 0]  # the views that drew the jitter
+    for k, (lo, hi) in enumerate([(0.2, 1.8), (0.2, 1.8), (0.0, 2.2), (-0.2, 0.2)]):
+        assert lo <= c[:, 4 + k].min() < lo + 0.01 and hi - 0.01 < c[:, 4 + k].max() <= hi
+    assert mvi.parse_config(["--jitter", "0.8", "0.8", "0.8", "0.2"]).jitter == (0.8, 0.8, 0.8, 0.2)
+    with pytest.raises(SystemExit, match="--jitter strengths must be >= 0, the hue's <= 0.5"):
+        mvi.parse_config(["--jitter", "0.4", "0.4", "0.2", "0.7"])
+
+
 @pytest.mark.parametrize("kind,scale", [("global", (0.3, 1.0)), ("local", (0.05, 0.3))])
 def test_crops_fall_in_scale_and_aspect_range(draws, kind, scale):
     areas = []
@@ -141,11 +154,12 @@ def torchvision_reference(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor
     return TF.normalize(x, mvi.IMAGENET_MEAN, mvi.IMAGENET_STD)
 
 
-@pytest.mark.parametrize("size", [32, 98])
-def test_colour_augment_on_device_matches_torchvision_per_image(size):
-    """A batch with every image's own draws (the table's, plus hand-set corner cases) equals torchvision
-    applied image by image on the CPU."""
-    mc, g = mvi.MultiCrop(), torch.Generator().manual_seed(7)
+@pytest.mark.parametrize("size,jitter", [(32, (0.4, 0.4, 0.2, 0.1)), (98, (0.4, 0.4, 0.2, 0.1)),
+                                         (32, (0.8, 0.8, 0.8, 0.2))])
+def test_colour_augment_on_device_matches_torchvision_per_image(size, jitter):
+    """A batch with every image's own draws (the table's, or the official minimal example's stronger jitter,
+    plus hand-set corner cases) equals torchvision applied image by image on the CPU."""
+    mc, g = mvi.MultiCrop(jitter=jitter), torch.Generator().manual_seed(7)
     colour = [mc.params(320, 240, size, (0.05, 1.0), g)["colour"] for _ in range(40)]
     colour += [torch.tensor([-1.0] * 4 + [1, 1, 1, 0, 0, 0, 0]),  # nothing at all: plain normalisation
                torch.tensor([3.0, 2, 1, 0, 1.4, 0.6, 1.2, -0.1, 1, 2.0, 1]),  # every op, extreme arguments
