@@ -94,6 +94,35 @@ def full_run(tmp_path_factory, data):
     return tmp / "out", r.stdout
 
 
+# ------------------------------------------------------------ 3. the loss
+
+def test_lejepa_loss_against_a_float64_hand_computation():
+    """(1 - lambda) * invariance + lambda * SIGReg on a small (V, N, P) tensor, written out element by element in
+    float64: the centre of image n is the mean of its 2 global views; the squared distance of every view (the
+    globals too) to it, averaged over V * N * P; SIGReg gets every view. lambda = 0.3: swapping lambda and
+    1 - lambda, or centring on all views, changes the result."""
+    V, N, P, G, lamb = 5, 3, 4, 2, 0.3
+    proj = torch.randn(V, N, P, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = proj.tolist()
+    total = 0.0
+    for n in range(N):
+        for p in range(P):
+            centre = (z[0][n][p] + z[1][n][p]) / 2  # the global views are the first two
+            total += sum((z[v][n][p] - centre) ** 2 for v in range(V))
+    invariance = total / (V * N * P)
+    seen = []
+
+    def sigreg(x):  # a stand-in with a known value: SIGReg itself is tested against float64 in test_sigreg.py
+        seen.append(x.detach().clone())
+        return torch.tensor(1.75)
+
+    loss, inv, sig = mvi.lejepa_loss(proj, G, sigreg, lamb)
+    assert inv.item() == pytest.approx(invariance, rel=1e-6)
+    assert sig.item() == 1.75 and len(seen) == 1 and torch.allclose(seen[0].double(), proj)  # every view
+    assert loss.item() == pytest.approx((1 - lamb) * invariance + lamb * 1.75, rel=1e-6)
+    assert loss.item() != pytest.approx(lamb * invariance + (1 - lamb) * 1.75, rel=1e-3)  # the swap is visible
+
+
 # ------------------------------------------------------------ 4. optimiser and schedule
 
 def test_lr_schedule_warmup_then_cosine_to_lr_over_1000():
@@ -216,7 +245,8 @@ def test_ranks_draw_their_own_stochastic_depth():
 
 # ------------------------------------------------------------ 6. main, end to end: torchrun --nproc_per_node=2
 
-def test_ddp_training_runs_loss_decreases_ranks_agree(full_run):
+def test_ddp_run_logs_every_step_its_loss_falls_and_its_checkpoint_is_whole(full_run):
+    """Rank 0's record of a 2-rank run (that the ranks hold the same weights: the next test)."""
     out, stdout = full_run
     records = read_metrics(out)
     steps = losses(records)
@@ -224,6 +254,8 @@ def test_ddp_training_runs_loss_decreases_ranks_agree(full_run):
     assert sorted(steps) == list(range(1, total + 1))
     loss = [steps[s]["loss"] for s in sorted(steps)]
     assert all(math.isfinite(v) for v in loss)
+    for r in steps.values():  # each line's loss is the mix of its own two terms, lambda = 0.05
+        assert r["loss"] == pytest.approx(0.95 * r["invariance"] + 0.05 * r["sigreg"], rel=1e-6, abs=1e-7), r
     assert np.mean(loss[-5:]) < np.mean(loss[:5]), loss  # decreasing (noisy per step: compare means)
     for key in ("invariance", "sigreg", "lr", "images_per_s"):
         assert all(math.isfinite(steps[s][key]) for s in steps)
