@@ -270,34 +270,34 @@ def test_ddp_run_logs_every_step_its_loss_falls_and_its_checkpoint_is_whole(full
 
 
 def test_ddp_keeps_every_ranks_parameters_identical(tmp_path, data):
-    """DDP's promise, which the script relies on instead of checking it every run: two ranks train on different
-    images (the real loader, step and AdamW) and end with bit-identical parameters and optimiser states."""
+    """DDP's promise, which the script relies on instead of checking it every run: main() under torchrun, two ranks
+    on different images (and stochastic depth), ends with bit-identical parameters and optimiser states. Each rank
+    records its batches' labels and, at the last save, what main() hands save_checkpoint."""
     worker = tmp_path / "worker.py"
     worker.write_text("\n".join([
-        "import os, sys, torch, torch.distributed as dist",
+        "import os, sys, torch",
         f"sys.path.insert(0, {str(ROOT)!r})",
         "import minimal_vit_inet as mvi",
-        "cfg = mvi.parse_config(sys.argv[1:])",
-        "ddp, rank, world, device = mvi.setup_distributed()",
-        "data = mvi.load_data(cfg, rank, world)",
-        "model, sigreg, optimizer = mvi.build_training(cfg, data.num_classes, device)",
-        "mvi.seed_rank(cfg.seed, rank)",
-        "ddp_model = torch.nn.parallel.DistributedDataParallel(model)",
-        "autocast = torch.autocast('cpu', enabled=False)",
-        "batches = mvi.train_batches(cfg, data.views, 0, 0, rank, world, 3)",
-        "for batch in batches:",
-        "    mvi.train_step(ddp_model, optimizer, sigreg, batch, cfg, autocast, device)",
-        "params = dict(model.named_parameters())  # (BatchNorm's running statistics are each rank's until DDP's next",
-        "torch.save([batch[1], params, optimizer.state_dict()['state']], f'{sys.argv[-1]}/rank{rank}.pt')  # forward)",
-        "mvi.close_distributed(ddp)"]))
+        "step, save, labels = mvi.train_step, mvi.save_checkpoint, []",
+        "def train_step(model, optimizer, sigreg, batch, *args):",
+        "    labels.append(batch[1])",
+        "    return step(model, optimizer, sigreg, batch, *args)",
+        "def save_checkpoint(cfg, model, optimizer, *args):  # model: the module inside DDP",
+        "    state = [torch.cat(labels), dict(model.named_parameters()), optimizer.state_dict()['state']]",
+        "    torch.save(state, f\"{sys.argv[-1]}/rank{os.environ['RANK']}.pt\")",
+        "    return save(cfg, model, optimizer, *args)",
+        "mvi.train_step, mvi.save_checkpoint = train_step, save_checkpoint",
+        "mvi.run(mvi.main, mvi.parse_config(sys.argv[1:-1]))"]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(worker), "--dataset", str(data), *TINY, "--drop_path", "0.1", "--workers", "0", "--out_dir", str(tmp_path)]
+           str(worker), "--dataset", str(data), *TINY, "--drop_path", "0.1", "--workers", "0", "--epochs", "1",
+           "--steps_per_epoch", "3", "--val_split", "", "--out_dir", str(tmp_path / "out"), str(tmp_path)]
     r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     (labels0, params0, adam0), (labels1, params1, adam1) = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert len(labels0) == len(labels1) == 3 * 8  # 3 steps of 8 images per rank
     assert not torch.equal(labels0, labels1)  # each rank saw its own images (and drew its own stochastic depth)
     assert params0.keys() == params1.keys() and all(torch.equal(params0[k], params1[k]) for k in params0)
-    assert all(torch.equal(adam0[i][k], adam1[i][k]) for i in adam0 for k in adam0[i])
+    assert len(adam0) == len(params0) and all(torch.equal(adam0[i][k], adam1[i][k]) for i in adam0 for k in adam0[i])
 
 
 def test_resume_continues_exactly(tmp_path, data, full_run):
