@@ -243,6 +243,74 @@ def test_ranks_draw_their_own_stochastic_depth():
     assert not torch.equal(drop(x).flatten(), rank0_seed0)
 
 
+class MeanColour(torch.nn.Module):
+    """A backbone without weights for probe tests: a view's mean colour and its negative (B, 6)."""
+    num_features = 6
+
+    def forward(self, x):
+        m = x.mean((2, 3))
+        return torch.cat([m, -m], 1)
+
+
+def test_the_online_probe_learns_each_view_with_its_own_images_label(tmp_path, data, monkeypatch):
+    """train_step's probe labels must line up with the view-major logits (labels.repeat, not repeat_interleave).
+    A task the probe can only learn so: over a backbone that gives a view's mean colour (the class here), 40
+    real steps (the loader, the colour stage, AdamW) must bring the probe near 100% on the validation split; a
+    label paired with another image's view leaves it near chance (25%; 100% against 25% when measured)."""
+    cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--workers", "0", "--probe_lr", "0.05"])
+    monkeypatch.setattr(mvi, "build_backbone", lambda *args, **kwargs: MeanColour())
+    ds, val = mvi.load_split(cfg.dataset, "train"), mvi.load_split(cfg.dataset, "validation")
+    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), cfg.seed)
+    device, autocast = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+    model, sigreg, optimizer = mvi.build_training(cfg, 4, device)
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"]
+    for epoch in range(4):
+        for batch in mvi.train_batches(cfg, views, epoch, 0, 0, 1, 10):
+            mvi.train_step(model, optimizer, sigreg, batch, cfg, autocast, device)
+    acc = mvi.evaluate_probe(model, mvi.eval_loader(cfg, val, "image", "label", 0, 1, 8), device, autocast)
+    assert acc >= 0.9, acc
+
+
+def probe_model_and_val(folder, rank=0, world=1):
+    """A random-init tiny ViT with a probe (seed 0: the same on every rank) and this rank's validation batches."""
+    torch.manual_seed(0)
+    model = mvi.LeJEPA(mvi.build_backbone("vit_tiny_patch16_224", 32), 64, 16, num_classes=4)
+    cfg = mvi.parse_config(TINY + ["--workers", "0"])
+    val = mvi.load_split(str(folder), "validation")
+    return model, val, mvi.eval_loader(cfg, val, "image", "label", rank, world, batch_size=7)
+
+
+def probe_rank(rank, port, folder, out):
+    """torch.multiprocessing worker: rank's share of the validation images through evaluate_probe, under gloo."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model, _, loader = probe_model_and_val(folder, rank, 2)
+    acc = mvi.evaluate_probe(model, loader, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(dict(acc=acc, images=len(loader.sampler))))
+    time.sleep(0.1)  # as close_distributed: gloo's threads finish before the group goes
+    dist.destroy_process_group()
+
+
+def test_online_probe_accuracy_sums_its_counts_over_ranks(tmp_path, data):
+    """evaluate_probe on 2 ranks, each half of the validation images, reports the accuracy on all of them: equal to
+    one process's on all the images, and to a count made here image by image."""
+    import torch.multiprocessing as mp
+    model, val, loader = probe_model_and_val(data)  # also prepares the datasets cache the workers then read
+    model.eval()
+    with torch.no_grad():  # one image at a time, without evaluate_probe: the reference count
+        hits = [int(model.probe(model.backbone(mvi.normalize(mvi.eval_transform(row["image"], size=32)[None])))
+                    .argmax().item() == row["label"]) for row in val]
+    single = mvi.evaluate_probe(model, loader, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    assert len(hits) == 40 and single == pytest.approx(sum(hits) / 40, rel=1e-6)
+    mp.spawn(probe_rank, args=(free_port(), str(data), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["images"] for r in ranks] == [20, 20]  # disjoint halves (eval_loader: images rank, rank + 2, ...)
+    assert sum(hits[0::2]) != sum(hits[1::2])  # the halves differ: a rank reporting its own half would show
+    assert ranks[0]["acc"] == ranks[1]["acc"] == single, (ranks, single, sum(hits))
+
+
 # ------------------------------------------------------------ 6. main, end to end: torchrun --nproc_per_node=2
 
 def test_ddp_run_logs_every_step_its_loss_falls_and_its_checkpoint_is_whole(full_run):
