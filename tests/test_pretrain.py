@@ -492,6 +492,36 @@ def test_a_nan_gradient_never_reaches_the_checkpoint(tmp_path, data):
     assert [rec["step"] for rec in read_metrics(out) if "loss" in rec] == [1]  # the first step, then no log step
 
 
+def test_a_nonfinite_loss_on_one_rank_stops_both_ranks_alike(tmp_path, data):
+    """Two ranks under torchrun; at step 6 only rank 1's logged invariance turns NaN (its gradients, and so every
+    weight, stay finite: no other check can see it). The save after step 6 is due; the all-reduce in the health
+    check must stop rank 0 too: both ranks end with the same one line, and the checkpoint of step 3 stays."""
+    out, wrapper = tmp_path / "out", tmp_path / "nan_on_rank1.py"
+    wrapper.write_text("\n".join([
+        "import os, sys, torch",
+        f"sys.path.insert(0, {str(ROOT)!r})",
+        "import minimal_vit_inet as mvi",
+        "loss, calls = mvi.lejepa_loss, []",
+        "def nan_on_rank1(*args):",
+        "    total, inv, sig = loss(*args)",
+        "    calls.append(1)",
+        "    if os.environ['RANK'] == '1' and len(calls) == 6:",
+        "        inv = inv.detach() * float('nan')  # what is logged; the loss and its gradient stay finite",
+        "    return total, inv, sig",
+        "mvi.lejepa_loss = nan_on_rank1",
+        "mvi.run(mvi.main, mvi.parse_config(sys.argv[1:]))"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(wrapper), "--dataset", str(data), "--epochs", "1", "--out_dir", str(out), *TINY, "--workers", "0",
+           "--save_every", "3", "--log_every", "100", "--val_split", ""]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    line = f"error: non-finite loss by step 6; stopped, the last good checkpoint is {out}/ckpt.pt (step 3)"
+    assert [x for x in r.stderr.splitlines() if x.startswith("error:")] == [line, line], r.stderr[-3000:]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    assert not list(out.glob("*.tmp")) and not (out / "export").exists()
+
+
 # ------------------------------------------------------------ plumbing: the command line
 
 def test_bad_arguments_fail_fast_with_one_line():
