@@ -198,19 +198,16 @@ def test_cache_key_holds_what_the_features_depend_on(tmp_path, monkeypatch):
 
 
 def test_torchrun_splits_extraction_and_gathers_in_order(tmp_path, data):
-    """2 ranks against 1 process. Collectives time out after 3 s here, and rank 0 trains the first dataset's
-    heads for longer than that: the run passes only if no rank waits in a collective meanwhile."""
+    """2 ranks against 1 process. Collectives time out after 3 s here, and rank 0 spends 5 s more on the first
+    dataset's heads (probe_short_timeout.py): the run passes only if no rank waits in a collective meanwhile."""
     datasets.load_dataset("imagefolder", data_dir=str(data)).save_to_disk(str(tmp_path / "saved"))  # a 2nd dataset
     common = ["--model", "vit_tiny_patch16_224", "--global_size", "32", "--dataset", str(data), str(tmp_path / "saved"),
               "--shots", "all", *FAST]
-    slow_heads = ["--min_steps", "16000"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(ROOT / "tests" / "probe_short_timeout.py"), "--out_dir", str(tmp_path / "ddp"), *common, *slow_heads]
+           str(ROOT / "tests" / "probe_short_timeout.py"), "--out_dir", str(tmp_path / "ddp"), *common]
     r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
-    heads_s = json.loads((tmp_path / "ddp" / "results.json").read_text())["timings"][str(data)]["heads_s"]
-    assert heads_s > 3, heads_s  # longer than the collectives' timeout
     probe("--out_dir", tmp_path / "single", *common)
     for role in ("train", "val"):
         ddp, single = cached(tmp_path / "ddp", role, "imgs*")[0], cached(tmp_path / "single", role, "imgs*")[0]
