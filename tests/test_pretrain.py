@@ -625,7 +625,6 @@ def test_load_split_and_find_columns(tmp_path, data, monkeypatch):
 
 
 def test_wandb_mirror_offline_and_resumed_into_the_same_run(tmp_path, data):
-    pytest.importorskip("wandb", reason="wandb is not installed: the --wandb mirror is optional")
     out = tmp_path / "out"
     base = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "1", "--out_dir",
             str(out), *TINY, "--workers", "0", "--steps_per_epoch", "4", "--wandb", "lejepa-test"]
@@ -652,7 +651,6 @@ def test_spearman_of_the_informative_loss_view():
 
 
 def test_plot_of_a_run(tmp_path, full_run):
-    pytest.importorskip("matplotlib", reason="matplotlib is not installed (README's test command installs it)")
     out, _ = full_run
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_run.py"), str(out), "--out", str(tmp_path / "run.png")],
                        capture_output=True, text=True, timeout=120)
