@@ -252,24 +252,30 @@ class MeanColour(torch.nn.Module):
         return torch.cat([m, -m], 1)
 
 
-def test_the_online_probe_learns_each_view_with_its_own_images_label(tmp_path, data, monkeypatch):
+def test_the_online_probe_learns_each_view_with_its_own_images_label(tmp_path, monkeypatch):
     """train_step's probe labels must line up with the view-major logits (labels.repeat, not repeat_interleave).
-    A task the probe can only learn so: over a backbone that gives a view's mean colour (the class here), 40
-    real steps (the loader, the colour stage, AdamW) must bring the probe near 100% on the validation split; a
-    label paired with another image's view leaves it near chance (25%; 100% against 25% when measured)."""
+    A task the probe can only learn so: 3 classes of pure red, green and blue images, a backbone that gives a
+    view's mean colour, 21 real steps (the loader, the colour stage, AdamW). On the validation images, computed
+    here, the probe gives the true class a mean probability of 0.96-0.99 over 4 seeds, and 0.39-0.42 with the
+    labels misaligned: their top-1 alone would not tell (a misaligned batch still pairs 2 of its 32 rows
+    rightly, a weak signal that can win every argmax)."""
+    data = write_image_folder(tmp_path / "rgb", classes=3)  # 40 train, 10 validation images per class
     cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--workers", "0", "--probe_lr", "0.05"])
     monkeypatch.setattr(mvi, "build_backbone", lambda *args, **kwargs: MeanColour())
     ds, val = mvi.load_split(cfg.dataset, "train"), mvi.load_split(cfg.dataset, "validation")
     views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), cfg.seed)
     device, autocast = torch.device("cpu"), torch.autocast("cpu", enabled=False)
-    model, sigreg, optimizer = mvi.build_training(cfg, 4, device)
+    model, sigreg, optimizer = mvi.build_training(cfg, 3, device)
     for group in optimizer.param_groups:
         group["lr"] = group["peak_lr"]
-    for epoch in range(4):
-        for batch in mvi.train_batches(cfg, views, epoch, 0, 0, 1, 10):
+    for epoch in range(3):
+        for batch in mvi.train_batches(cfg, views, epoch, 0, 0, 1, 7):  # 120 images, batch 16: 7 steps
             mvi.train_step(model, optimizer, sigreg, batch, cfg, autocast, device)
-    acc = mvi.evaluate_probe(model, mvi.eval_loader(cfg, val, "image", "label", 0, 1, 8), device, autocast)
-    assert acc >= 0.9, acc
+    with torch.no_grad():
+        p_true = [model.probe(model.backbone(mvi.normalize(mvi.eval_transform(row["image"], size=32)[None])))
+                  .softmax(-1)[0, row["label"]].item() for row in val]
+    assert len(p_true) == 30 and sum(p_true) / 30 >= 0.8, sum(p_true) / 30
+    assert mvi.evaluate_probe(model, mvi.eval_loader(cfg, val, "image", "label", 0, 1, 8), device, autocast) >= 0.9
 
 
 def probe_model_and_val(folder, rank=0, world=1):
