@@ -11,8 +11,7 @@ then rank 0 trains the heads. Outputs in --out_dir: results.json (every number a
   python linear_probe.py --checkpoint out/lejepa/export --dataset /data/cifar10-jpg --val_split test
   python linear_probe.py --model resnet50 --pretrained true --dataset cifar10 pets --shots 10 all
 Measured: CIFAR-10 (50k + 10k images, resnet18 at 32 px) in 5.7 min on a 2-core CPU, 26 s on one H100 (a rerun
-reads the cache). ImageNet and the transfer table: not measured yet. ImageNet-1k is gated: `hf auth login`.
-"""
+reads the cache); ImageNet and the transfer table: not measured yet. ImageNet-1k is gated: `hf auth login`."""
 import argparse
 import dataclasses
 import hashlib
@@ -147,8 +146,7 @@ def cached_features(cfg, model, mean, std, ident, dataset, role, device, rank, w
     if exists[0]:
         mvi.print0(f"{dataset} {role}: features from the cache {path}")
         return path
-    # every rank loads: while one prepares the split, the others wait on datasets' file lock (no collective)
-    ds, image_col, label_col = load_labelled(cfg, dataset, role)
+    ds, image_col, label_col = load_labelled(cfg, dataset, role)  # every rank: one prepares, others wait
     ds = split_dataset_by_node(ds, rank, world)  # contiguous shares, so rank order is row order
     loader = mvi.eval_loader(cfg, ds, image_col, label_col, 0, 1, cfg.batch_size)  # 0, 1: ds is the share
     feats, y, t0 = [], [], time.perf_counter()
@@ -190,8 +188,7 @@ def cache_path(cfg, ident, dataset, role, mean, std):
 def sample_shots(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """Indices of k training images per class (all of a class that has fewer), drawn with a fixed seed."""
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))  # then k of each class
-    picks = [perm[labels[perm] == c][:k] for c in labels.unique()]
-    return torch.cat(picks).sort().values
+    return torch.cat([perm[labels[perm] == c][:k] for c in labels.unique()]).sort().values
 
 
 def train_head(x, y, x_val, y_val, num_classes: int, cfg: Config, seed: int, device) -> float:

@@ -147,8 +147,7 @@ FACTORS, GRAY, SIGMA, SOLARIZE = 4, 8, 9, 10  # columns of the colour draws afte
 
 def colour_augment(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
     """uint8 views (N, 3, H, W) and draws (N, 11) -> float32, augmented and normalised. Every op runs on every
-    image, the identity where the image did not draw it: static shapes, no host sync, one compiled graph per
-    view size, 134 ops per call (a GPU was launch-bound on the 2,934 ops of a step that gathered images)."""
+    image, the identity where the image did not draw it: static shapes, no host sync, 134 ops per call."""
     x = x / 255  # uint8 -> float32 in [0, 1]
     c = colour.view(len(x), 11, 1, 1, 1)  # c[:, j] is (N, 1, 1, 1): broadcasts over channels and pixels
     order = c[:, :4]  # (N, 4 slots, 1, 1, 1): the jitter op of each slot (3: hue), -1 when jitter is off
@@ -396,7 +395,6 @@ def log_step(cfg, step, epoch, terms, optimizer, nonfinite, saved_step, ddp, bar
 
 # =========================================================================================================
 # Plumbing: the command line, processes and faults, data, checkpoints, logs, export
-# =========================================================================================================
 
 def parse_config(argv=None) -> Config:
     """argparse generated from the dataclass; every check that can fail before heavy work ends in one line."""
@@ -438,15 +436,12 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
-def flag(text: str) -> bool:  # --field true / false; a typo is refused, not read as false
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise ValueError(text)
-    return text.lower() in ("true", "1", "yes")
+def flag(text: str) -> bool:  # --field true / false; a typo is refused (ValueError), not read as false
+    return ("false", "true", "0", "1", "no", "yes").index(text.lower()) % 2 == 1
 
 
 def patch_size(model: str) -> int:
-    """A ViT's patch size in px; 1 for a convnet, or when it cannot be told. Built on the meta device: no
-    memory, a tenth of a second for ViT-L."""
+    """A ViT's patch size in px (1: a convnet, or unknown), built on the meta device: no memory, 0.1 s."""
     try:
         with torch.device("meta"):
             size = getattr(getattr(build_backbone(model), "patch_embed", None), "patch_size", 1)
@@ -455,9 +450,8 @@ def patch_size(model: str) -> int:
     return size[0] if isinstance(size, (tuple, list)) else int(size)
 
 
-# --- Processes and faults. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain `python` runs one process. A run
-# ends at once when anything fails (run) or torchrun dies (exit_with_launcher), keeps one writer per out_dir
-# (claim_out_dir), checkpoints on SIGTERM and never writes non-finite weights (check_health).
+# --- Processes and faults: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK (plain `python`: one process); a run
+# ends at once on any error, keeps one writer per out_dir, and checkpoints on SIGTERM.
 
 STOP = threading.Event()  # set by SIGTERM (preemption): the loop checkpoints and exits
 LOCK = {"fd": None}  # out_dir's open lock file; the OS releases the lock when the process dies
@@ -471,8 +465,7 @@ def setup_distributed():
         rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        # a slow rank (rank 0 writing a checkpoint, another node preparing the data) may keep the others
-        # waiting for up to an hour (NCCL's default: 10 minutes); a rank that fails ends the job at once
+        # ranks may wait an hour (NCCL's default: 10 min) for a slow one: a checkpoint, a node preparing data
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=datetime.timedelta(minutes=60))
         exit_with_launcher()
@@ -486,9 +479,8 @@ def close_distributed(ddp: bool):
 
 
 def run(main, *args):
-    """Call main; on any error end this process at once, non-zero, with the traceback (or sys.exit's line).
-    os._exit skips the exit handlers, which would wait forever for DataLoader workers (they outlive a
-    SIGTERM: _worker_init); the workers see their parent gone and exit. torchrun stops the other ranks."""
+    """Call main; on any error end at once, with the traceback or sys.exit's line (os._exit: no exit handlers,
+    which would wait forever for DataLoader workers that outlive a SIGTERM); torchrun stops the others."""
     try:
         main(*args)
     except SystemExit as err:  # sys.exit("error: one line"): that line alone
@@ -517,9 +509,8 @@ def exit_with_launcher():
 
 
 def claim_out_dir(cfg: Config, rank: int, world: int) -> int:
-    """Refuse, touching nothing, a batch that does not split over the ranks, an out_dir that holds another
-    run's checkpoint, or one in use: rank 0 holds a flock on out_dir/lock for the whole run (the OS drops it
-    when the process dies: no stale lock). -> the step of the checkpoint in out_dir, 0 if none."""
+    """Refuse, touching nothing, a batch that does not split over the ranks, another run's out_dir, or one in
+    use (rank 0 holds a flock on out_dir/lock; the OS drops it with rank 0). -> the checkpoint's step or 0"""
     if cfg.batch_size % world:
         sys.exit(f"error: --batch_size {cfg.batch_size} is not divisible by the world size {world}")
     path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
@@ -567,9 +558,8 @@ def lock_out_dir(out_dir: str) -> int:
 
 
 def _worker_init(worker_id):
-    """DataLoader workers serve batches for 60 s after a SIGTERM to the process group, so that the main
-    process reaches its checkpoint, then end; they die with their rank (one blocked on a pipe to a killed rank
-    stayed for hours), and close the inherited lock: it goes with the main process."""
+    """A worker serves batches for 60 s after a SIGTERM (its rank reaches its checkpoint), dies with its rank
+    (one blocked on a pipe to a killed rank stayed for hours), and closes the inherited out_dir lock."""
     signal.signal(signal.SIGTERM, lambda *_: signal.alarm(60))  # SIGALRM's default action ends the worker
     if hasattr(ctypes.CDLL(None), "prctl"):  # Linux; elsewhere DataLoader's own watchdog (a 5 s poll)
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG, a signal when the parent dies
@@ -578,9 +568,8 @@ def _worker_init(worker_id):
 
 
 def check_health(cfg, nonfinite, step, saved_step, ddp, model=None) -> bool:
-    """The one host sync of training, at the log interval and before each save, all-reduced: every rank ends
-    alike, in one line, if any saw a non-finite loss or (given the model) holds a non-finite weight, which a
-    NaN gradient makes without touching the loss. True when a SIGTERM reached any rank."""
+    """The one host sync of training (log steps, saves), all-reduced: every rank ends alike, in one line, if
+    any saw a non-finite loss or (given the model) weight, as a NaN gradient makes. True: a SIGTERM came."""
     flags = [nonfinite, torch.full_like(nonfinite, STOP.is_set())]  # full, not tensor(): no host copy
     if model is not None:
         flags.append(~torch.stack([p.isfinite().all() for p in model.parameters()]).all())
@@ -596,7 +585,6 @@ def check_health(cfg, nonfinite, step, saved_step, ddp, model=None) -> bool:
 
 
 def seed_rank(seed: int, rank: int):
-    """Seed the global RNG by (seed, rank): what each rank draws on its own."""
     torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
 
 
@@ -637,11 +625,9 @@ def load_split(dataset: str, split: str, missing_ok: bool = False):
         if os.path.isdir(dataset):
             return datasets.load_dataset("imagefolder", data_dir=dataset, split=split)
         return datasets.load_dataset(dataset, split=split, num_proc=os.cpu_count())
-    except (ValueError, KeyError) as err:  # an unknown split (KeyError: of a save_to_disk folder)
-        if missing_ok and (isinstance(err, KeyError) or "split" in str(err)):
+    except (ValueError, KeyError, ConnectionError, FileNotFoundError) as err:  # incl. DatasetNotFoundError
+        if missing_ok and (isinstance(err, KeyError) or "split" in str(err)):  # (KeyError: a saved folder's)
             return None
-        sys.exit(f"error: {dataset}: {hub_error(dataset, err)}")
-    except (ConnectionError, FileNotFoundError) as err:  # FileNotFoundError: datasets' DatasetNotFoundError
         sys.exit(f"error: {dataset}: {hub_error(dataset, err)}")
 
 
@@ -663,7 +649,6 @@ def find_columns(ds, image_column: str = "", label_column: str = ""):
     def find(given, feature, common):
         typed = [k for k, v in ds.features.items() if isinstance(v, feature)]
         return given or next(iter(typed + [k for k in common if k in ds.features]), None)
-
     image = find(image_column, datasets.Image, ("image", "img", "jpg", "png"))
     if image is None:
         sys.exit(f"error: no image column among {list(ds.features)}; pass --image_column")
@@ -671,15 +656,13 @@ def find_columns(ds, image_column: str = "", label_column: str = ""):
 
 
 def count_classes(ds, label_col) -> int:
-    """ClassLabel's count, else the largest label + 1."""
     feature = ds.features.get(label_col)
     return feature.num_classes if isinstance(feature, datasets.ClassLabel) else int(max(ds[label_col])) + 1
 
 
 class ViewsDataset(torch.utils.data.Dataset):
-    """Item (epoch, index) -> (views, label); the views are seeded by (seed, epoch, index), so the same for
-    any worker count, world size or resume point. A file that cannot be decoded (web-scraped sets hold some)
-    is replaced by the next readable one, so batches stay full and ranks step alike."""
+    """Item (epoch, index) -> (views, label), seeded by (seed, epoch, index): alike for any worker count,
+    world size or resume point. A file that cannot be decoded gives way to the next readable one."""
 
     def __init__(self, ds, image_col, label_col, transform, seed):
         self.ds, self.image_col, self.label_col, self.transform = ds, image_col, label_col, transform
@@ -801,8 +784,7 @@ def print_setup(cfg, data, model, optimizer, world, device, total, warmup, start
 
 
 class Logger:
-    """Rank 0's metrics.jsonl (on resume, lines logged after the checkpoint are dropped), mirrored to Weights
-    & Biases with --wandb PROJECT; out_dir/wandb_id keeps one wandb run across resumes."""
+    """Rank 0's metrics.jsonl (a resume drops the lines after its checkpoint), mirrored to W&B by --wandb."""
 
     def __init__(self, cfg: Config, start_step: int):
         path = os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -821,8 +803,7 @@ class Logger:
                                     dir=cfg.out_dir, config=dataclasses.asdict(cfg))
 
     def __call__(self, record: dict):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        print(json.dumps(record), file=self.file, flush=True)
         if self.wandb:
             self.wandb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
 
@@ -835,18 +816,14 @@ class Logger:
 # --- Export: the backbone alone, in timm's Hugging Face format, loadable in one line.
 
 def export_for_hub(backbone: nn.Module, cfg: Config, step: int, folder: str, probe_acc=None):
-    """timm's save_for_hf: config.json (architecture, model args, and the pretrained config: input size,
-    bicubic resize + 0.875 centre crop as eval_transform, mean and std), model.safetensors and a model card.
-    timm.create_model("local-dir:FOLDER", pretrained=True) loads it; `hf upload USER/REPO FOLDER` shares it.
-    """
-    size = cfg.global_size
-    backbone.pretrained_cfg = dict(backbone.pretrained_cfg, tag="lejepa", input_size=(3, size, size),
-                                   num_classes=0, interpolation="bicubic", crop_pct=0.875, crop_mode="center",
-                                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    """timm's save_for_hf: config.json (eval_transform's size, crop, mean and std), model.safetensors; and a
+    model card. timm.create_model("local-dir:FOLDER", pretrained=True) loads it; `hf upload` shares it."""
+    backbone.pretrained_cfg = dict(backbone.pretrained_cfg, tag="lejepa", num_classes=0, crop_pct=0.875,
+                                   input_size=(3, cfg.global_size, cfg.global_size), interpolation="bicubic",
+                                   crop_mode="center", mean=IMAGENET_MEAN, std=IMAGENET_STD)
     args = dict(num_classes=0)
     if getattr(backbone, "dynamic_img_size", False):  # ViTs: one model for every view size
-        args.update(img_size=size, dynamic_img_size=True)
-    os.makedirs(folder, exist_ok=True)
+        args.update(img_size=cfg.global_size, dynamic_img_size=True)
     backbone.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
     timm.models.save_for_hf(backbone, folder, model_args=args, safe_serialization=True)
     acc = f"{100 * probe_acc:.2f}% (online linear probe, {cfg.val_split})" if probe_acc is not None else "-"
