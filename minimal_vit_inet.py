@@ -744,21 +744,38 @@ def compiled(fn):  # --compile: fn compiled at its first use, one graph per inpu
 # --- Checkpoints: a plain dict, written atomically by rank 0; resume reads it back.
 
 def save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite, saved_step, ddp) -> int:
-    """out_dir/ckpt.pt, written by rank 0 once every rank's loss and weights are finite. -> step."""
+    """out_dir/ckpt.pt by rank 0, once all is finite; a failed write (full disk) ends every rank alike."""
     check_health(cfg, nonfinite, step, saved_step, ddp, model)
+    error = [None]
     if int(os.environ.get("RANK", 0)) == 0:
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), sigreg=sigreg.state_dict(),
                      step=step, config=dataclasses.asdict(cfg))
-        write_atomic(state, os.path.join(cfg.out_dir, "ckpt.pt"))
+        try:
+            write_atomic(state, os.path.join(cfg.out_dir, "ckpt.pt"))
+        except SystemExit as err:
+            error = [err.code + (f"; the last whole checkpoint is step {saved_step}'s" if saved_step else "")]
+    if ddp:
+        dist.broadcast_object_list(error, src=0)  # the other ranks wait here for the outcome
+    if error[0]:
+        sys.exit(error[0])
     return step
 
 
 def write_atomic(obj, path: str):
-    with open(path + ".tmp", "wb") as f:  # same folder: os.replace is atomic, a crash never leaves half one
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, even if the machine then loses power
-    os.replace(path + ".tmp", path)
+    """torch.save to path.tmp, then a rename; a failed write (a full disk): path.tmp removed, one line."""
+    try:
+        with open(path + ".tmp", "wb") as f:  # same folder: os.replace is atomic, a crash never leaves half
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, even if the machine then loses power
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as err:  # torch.save raises RuntimeError; f.write's OSError is its context
+        cause = err if isinstance(err, OSError) else err.__context__
+        if not isinstance(cause, OSError):
+            raise
+        if os.path.isfile(path + ".tmp"):
+            os.remove(path + ".tmp")  # a partial file, on a disk that has no room for it
+        sys.exit(f"error: cannot write {path}: {cause.strerror or cause}")
 
 
 def load_checkpoint(cfg, model: LeJEPA, optimizer, sigreg) -> int:

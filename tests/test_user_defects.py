@@ -1,0 +1,65 @@
+"""What a new user trips on (issue #23), each checked against what the user should see: a full disk while a
+checkpoint is written, a probe given both an export and a checkpoint, `~` in paths, a W&B run resumed after
+a crash, the log of a batch job (stdout not a terminal), and a hub dataset downloaded to a folder (parquet)."""
+import dataclasses
+import fcntl
+import json
+import os
+import pty
+import re
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_linear_probe import FAST, cached, probe  # noqa: E402
+from test_pretrain import ROOT, TINY, env, free_port, read_metrics  # noqa: E402
+
+import minimal_vit_inet as mvi  # noqa: E402
+
+
+def pretrain(tmp, data, out, *extra, nproc=1, file_limit=0, stdout=subprocess.PIPE, e=None):
+    """One epoch of 10 steps (160 images, batch 16) of the tiny model; under torchrun when nproc > 1. With
+    file_limit, no process of the job may write a file larger than that many bytes: a full disk."""
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    cmd = [sys.executable, *(launcher if nproc > 1 else []), str(ROOT / "minimal_vit_inet.py"), "--dataset",
+           str(data), "--epochs", "1", "--out_dir", str(out), *TINY, "--workers", "0", *extra]
+
+    def small_disk():  # in the child, inherited by the ranks: a write past the limit fails with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (not the signal that would kill the writer)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    return subprocess.run(cmd, cwd=ROOT, env=e or env(tmp), stdout=stdout, stderr=subprocess.PIPE, text=True,
+                          timeout=300, preexec_fn=small_disk if file_limit else None)
+
+
+# ---------------------------------------------------------------- 1. a full disk while a checkpoint is written
+
+def test_a_full_disk_mid_checkpoint_ends_every_rank_in_one_line_and_the_last_checkpoint_resumes(tmp_path, data):
+    out = tmp_path / "out"
+    r = pretrain(tmp_path, data, out, "--stop_after", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    whole = (out / "ckpt.pt").read_bytes()
+    assert len(whole) > 8_000_000  # the model and AdamW's state: more than the "disk" below has room for
+    r = pretrain(tmp_path, data, out, "--save_every", "3", nproc=2, file_limit=4_000_000)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and lines[0] == lines[1], r.stderr[-3000:]  # rank 0 and rank 1, alike
+    assert str(out / "ckpt.pt") in lines[0] and "File too large" in lines[0] and "step 2" in lines[0]
+    assert "inline_container" not in r.stderr and "Traceback" not in r.stderr.split("error:")[0]
+    assert not (out / "ckpt.pt.tmp").exists()  # the partial file does not stay on the full disk
+    assert (out / "ckpt.pt").read_bytes() == whole
+    r = pretrain(tmp_path, data, out, "--stop_after", "5")  # room again: it resumes from step 2
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 5
+    assert [rec["step"] for rec in read_metrics(out) if "loss" in rec] == [1, 2, 3, 4, 5]
