@@ -83,6 +83,9 @@ TRANSFER = {
 def build_model(cfg: Config, device):
     """-> (frozen model on device, in eval mode; evaluation size in px, mean, std, identity for the cache)."""
     name, size, mean, std = cfg.model, cfg.global_size or 224, mvi.IMAGENET_MEAN, mvi.IMAGENET_STD
+    if cfg.checkpoint and name.startswith(HUB):  # weights named twice: --checkpoint's are the ones probed
+        mvi.print0(f"note: probing --checkpoint {cfg.checkpoint}; the weights of --model {name} are not used")
+        name = ""
     if os.path.isdir(cfg.checkpoint):  # an export folder of minimal_vit_inet.py (timm's Hugging Face format)
         name = "local-dir:" + os.path.abspath(cfg.checkpoint)
     if name.startswith(HUB) or cfg.pretrained:  # weights with their mean, std and size
@@ -98,7 +101,7 @@ def build_model(cfg: Config, device):
         if not os.path.isfile(cfg.checkpoint):
             sys.exit(f"error: checkpoint {cfg.checkpoint} not found")
         ckpt = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)  # tensors and plain values
-        name, train_size = cfg.model or ckpt["config"]["model"], ckpt["config"]["global_size"]
+        name, train_size = name or ckpt["config"]["model"], ckpt["config"]["global_size"]
         model = mvi.build_backbone(name, train_size)  # as in training; other sizes through dynamic_img_size
         state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
         try:

@@ -63,3 +63,22 @@ def test_a_full_disk_mid_checkpoint_ends_every_rank_in_one_line_and_the_last_che
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 5
     assert [rec["step"] for rec in read_metrics(out) if "loss" in rec] == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- 2. the probe given an export and a checkpoint
+
+def test_the_probe_given_an_export_and_a_checkpoint_probes_the_checkpoint_and_says_so(tmp_path, data, capsys):
+    cfg = mvi.parse_config(TINY + ["--out_dir", str(tmp_path)])
+    torch.manual_seed(1)
+    model = mvi.LeJEPA(mvi.build_backbone(cfg.model, cfg.global_size), cfg.proj_hidden, cfg.proj_dim)
+    mvi.write_atomic(dict(model=model.state_dict(), step=5, config=dataclasses.asdict(cfg)), str(tmp_path / "ckpt.pt"))
+    torch.manual_seed(2)  # the export holds other weights
+    mvi.export_for_hub(mvi.build_backbone(cfg.model, cfg.global_size), cfg, 5, str(tmp_path / "export"))
+    common = ["--dataset", data, "--shots", "all", *FAST]
+    probe("--model", f"local-dir:{tmp_path / 'export'}", "--checkpoint", tmp_path / "ckpt.pt",
+          "--out_dir", tmp_path / "both", *common)
+    said = [line for line in capsys.readouterr().out.splitlines() if "--checkpoint" in line]
+    assert len(said) == 1 and f"probing --checkpoint {tmp_path / 'ckpt.pt'}" in said[0]
+    probe("--checkpoint", tmp_path / "ckpt.pt", "--out_dir", tmp_path / "alone", *common)
+    both, alone = cached(tmp_path / "both", "train")[0], cached(tmp_path / "alone", "train")[0]
+    assert torch.equal(both["features"], alone["features"])  # the checkpoint's weights, as without --model
