@@ -303,8 +303,8 @@ def main(cfg: Config):
 def parse_config(argv=None) -> Config:
     """argparse from Config; a bad flag: one line, here. --dataset comes back with "transfer" expanded."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        parse = {bool: mvi.flag, tuple: str}.get(f.type, type(f.default))  # a mistyped bool: refused
+    for f in dataclasses.fields(Config):  # a mistyped bool is refused; in strings, ~ is home, as in a shell
+        parse = {bool: mvi.flag, int: int, float: float}.get(f.type, os.path.expanduser)  # strings, tuples
         p.add_argument(f"--{f.name}", type=parse, default=f.default, nargs="+" if f.type is tuple else None)
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
     names = [n for name in cfg.dataset for n in (TRANSFER if name == "transfer" else [name])]

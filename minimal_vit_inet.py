@@ -399,20 +399,17 @@ def log_step(cfg, step, epoch, terms, optimizer, nonfinite, saved_step, ddp, bar
 def parse_config(argv=None) -> Config:
     """argparse generated from the dataclass; every check that can fail before heavy work ends in one line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", type=flag, default=f.default)
-        else:  # the crop scales take two numbers
-            two = isinstance(f.default, tuple)
-            p.add_argument(f"--{f.name}", type=float if two else type(f.default), nargs=2 if two else None,
-                           default=f.default)
+    for f in dataclasses.fields(Config):  # a mistyped bool is refused; in strings, ~ is home, as in a shell
+        two = isinstance(f.default, tuple)  # the crop scales take two numbers
+        parse = {bool: flag, str: os.path.expanduser}.get(f.type, float if two else f.type)
+        p.add_argument(f"--{f.name}", type=parse, nargs=2 if two else None, default=f.default)
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
     positive = ["batch_size", "global_size", "local_size", "n_global", "num_slices", "proj_hidden",
                 "proj_dim", "epochs", "lr", "log_every", "save_every", "final_lr_div"]
     not_negative = ["workers", "steps_per_epoch", "stop_after", "n_local", "drop_path"]
     checks = [(getattr(cfg, k) > 0, f"--{k} must be > 0, got {getattr(cfg, k)}") for k in positive]
     checks += [(getattr(cfg, k) >= 0, f"--{k} must be >= 0, got {getattr(cfg, k)}") for k in not_negative]
-    local = cfg.dataset.startswith(("/", ".", "~")) or cfg.dataset.count("/") > 1  # a path, not owner/name
+    local = cfg.dataset.startswith(("/", ".")) or cfg.dataset.count("/") > 1  # a path, not owner/name
     checks += [
         (0 <= cfg.lamb <= 1, f"--lamb must be in [0, 1], got {cfg.lamb}"),
         (cfg.drop_path < 1, f"--drop_path must be < 1, got {cfg.drop_path}"),

@@ -82,3 +82,16 @@ def test_the_probe_given_an_export_and_a_checkpoint_probes_the_checkpoint_and_sa
     probe("--checkpoint", tmp_path / "ckpt.pt", "--out_dir", tmp_path / "alone", *common)
     both, alone = cached(tmp_path / "both", "train")[0], cached(tmp_path / "alone", "train")[0]
     assert torch.equal(both["features"], alone["features"])  # the checkpoint's weights, as without --model
+
+
+# ---------------------------------------------------------------- 3. ~ in paths
+
+def test_a_tilde_in_a_path_is_the_home_folder_in_both_scripts(tmp_path, data, monkeypatch):
+    monkeypatch.setenv("HOME", str(data.parent))  # ~ is $HOME, as in a shell
+    home = f"~/{data.name}"
+    cfg = mvi.parse_config(TINY + ["--dataset", home, "--out_dir", "~/out"])
+    assert (cfg.dataset, cfg.out_dir) == (str(data), str(data.parent / "out"))
+    results = probe("--model", "pixels", "--global_size", 16, "--dataset", home, "--out_dir", "~/probe", *FAST)
+    assert list(results) == [str(data)] and (data.parent / "probe" / "results.json").exists()
+    import linear_probe as lp
+    assert lp.parse_config(["--checkpoint", "~/run/ckpt.pt"]).checkpoint == str(data.parent / "run" / "ckpt.pt")
