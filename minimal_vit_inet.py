@@ -810,11 +810,13 @@ class Logger:
         if cfg.wandb:
             import wandb
             id_path = os.path.join(cfg.out_dir, "wandb_id")
-            if not os.path.exists(id_path):
+            if os.path.exists(id_path):  # a resume rewinds the W&B run to the checkpoint, as metrics.jsonl is
+                run = dict(resume_from=f"{open(id_path).read()}?_step={start_step}")  # W&B drops lower steps
+            else:
+                run = dict(id=os.urandom(4).hex())
                 with open(id_path, "w") as f:
-                    f.write(os.urandom(4).hex())
-            self.wandb = wandb.init(project=cfg.wandb, id=open(id_path).read(), resume="allow",
-                                    dir=cfg.out_dir, config=dataclasses.asdict(cfg))
+                    f.write(run["id"])
+            self.wandb = wandb.init(project=cfg.wandb, dir=cfg.out_dir, config=dataclasses.asdict(cfg), **run)
 
     def __call__(self, record: dict):
         print(json.dumps(record), file=self.file, flush=True)

@@ -95,3 +95,61 @@ def test_a_tilde_in_a_path_is_the_home_folder_in_both_scripts(tmp_path, data, mo
     assert list(results) == [str(data)] and (data.parent / "probe" / "results.json").exists()
     import linear_probe as lp
     assert lp.parse_config(["--checkpoint", "~/run/ckpt.pt"]).checkpoint == str(data.parent / "run" / "ckpt.pt")
+
+
+# ---------------------------------------------------------------- 4. a W&B run resumed after a crash
+
+def wandb_records(path: Path):
+    """The records of an offline run file (run-ID.wandb): a 7-byte header, then LevelDB-log blocks of 32 KiB
+    holding (checksum, length, type) + data chunks; type 1 is a whole record, 2, 3, 4 its first, middle, last."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    raw, pos, chunk = path.read_bytes(), 7, b""
+    while pos + 7 <= len(raw):
+        _, n, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if pos % 32768 > 32768 - 7 or (kind == 0 and n == 0):  # a block's zero-filled tail
+            pos += 32768 - pos % 32768
+            continue
+        chunk, pos = chunk + raw[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):
+            yield pb.Record.FromString(chunk)
+            chunk = b""
+
+
+def wandb_shows(out: Path) -> dict:
+    """{step: logged values} as W&B shows the run once its offline sessions are synced, in order: a session
+    that rewinds (resume_from) cuts the history after its step; otherwise W&B refuses a step that is not
+    above the run's last one."""
+    shown = {}
+    sessions = sorted(out.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime_ns)
+    for path in sessions:
+        last = max(shown, default=-1)
+        for rec in wandb_records(path):
+            if rec.HasField("run") and rec.run.HasField("branch_point"):
+                last = rec.run.branch_point.value
+                shown = {s: v for s, v in shown.items() if s <= last}
+            if rec.HasField("history"):
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+                if rec.history.step.num > last:
+                    shown.setdefault(rec.history.step.num, {}).update(items)
+    return shown
+
+
+def test_a_resumed_wandb_run_shows_what_metrics_jsonl_holds(tmp_path, data):
+    pytest.importorskip("wandb", reason="wandb is not installed: the --wandb mirror is optional")
+    out, e = tmp_path / "out", dict(env(tmp_path), WANDB_MODE="offline", WANDB_SILENT="true")
+    for extra in (["--stop_after", "2"], ["--stop_after", "4"]):
+        r = pretrain(tmp_path, data, out, "--wandb", "lejepa-test", "--steps_per_epoch", "6", *extra, e=e)
+        assert r.returncode == 0, r.stderr[-3000:]
+        if extra[1] == "2":
+            shutil.copy(out / "ckpt.pt", tmp_path / "ckpt2.pt")
+    # a crash after step 4 was logged, before its checkpoint: the checkpoint on disk is step 2's
+    shutil.copy(tmp_path / "ckpt2.pt", out / "ckpt.pt")
+    r = pretrain(tmp_path, data, out, "--wandb", "lejepa-test", "--steps_per_epoch", "6", "--log_every", "3", e=e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jsonl = {}
+    for rec in read_metrics(out):  # steps 1, 2 of the first session; 3 (the first after the resume) and 6
+        jsonl.setdefault(rec["step"], {}).update(rec)
+    assert sorted(jsonl) == [1, 2, 3, 6]
+    shown = wandb_shows(out)
+    assert sorted(shown) == sorted(jsonl)  # step 4 of the crashed session is gone, as from metrics.jsonl
+    assert all(shown[s][k] == pytest.approx(v) for s in jsonl for k, v in jsonl[s].items() if v is not None)
