@@ -328,7 +328,7 @@ def main(cfg: Config):
     total, warmup = cfg.epochs * data.steps_per_epoch, round(cfg.warmup_epochs * data.steps_per_epoch)
     print_setup(cfg, data, model, optimizer, world, device, total, warmup, start)
     log = Logger(cfg, start) if rank == 0 else None
-    bar = tqdm(total=total, initial=start, disable=rank != 0, file=sys.stdout)  # stderr: errors alone
+    bar = tqdm(total=total, initial=start, disable=rank != 0 or not sys.stdout.isatty(), file=sys.stdout)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss: kept on the device
     batches, acc, stop, sigterm = None, None, False, False
     for step in range(start, total + 1):
@@ -388,6 +388,8 @@ def log_step(cfg, step, epoch, terms, optimizer, nonfinite, saved_step, ddp, bar
         images_per_s = cfg.batch_size * (step - then_step) / (log.clock[0] - then)
         bar.set_postfix(loss=f"{loss:.4f}", inv=f"{inv:.4f}", sigreg=f"{sig:.3f}", lr=f"{lr:.2e}",
                         img_s=f"{images_per_s:.0f}")
+        if bar.disable:  # stdout is not a terminal: this line, not a bar redrawn several times a second
+            print0(f"step {step}/{bar.total} | {bar.postfix}")
         log(dict(step=step, epoch=epoch, loss=loss, invariance=inv, sigreg=sig, probe_loss=probe_loss, lr=lr,
                  images_per_s=images_per_s))
     return sigterm

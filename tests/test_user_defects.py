@@ -153,3 +153,40 @@ def test_a_resumed_wandb_run_shows_what_metrics_jsonl_holds(tmp_path, data):
     shown = wandb_shows(out)
     assert sorted(shown) == sorted(jsonl)  # step 4 of the crashed session is gone, as from metrics.jsonl
     assert all(shown[s][k] == pytest.approx(v) for s in jsonl for k, v in jsonl[s].items() if v is not None)
+
+
+# ---------------------------------------------------------------- 5. logs in a file, a bar on a terminal
+
+def test_a_log_file_gets_a_line_per_log_interval_and_a_terminal_a_bar(tmp_path, data):
+    e = env(tmp_path)
+    e.pop("TQDM_DISABLE")
+    with open(tmp_path / "job.log", "w") as log:  # a batch job's log: stdout is a file
+        r = pretrain(tmp_path, data, tmp_path / "out", "--stop_after", "6", "--log_every", "2", stdout=log, e=e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = (tmp_path / "job.log").read_text()
+    assert "\r" not in text  # no bar redrawn in place
+    logged = [rec["step"] for rec in read_metrics(tmp_path / "out") if "loss" in rec]
+    assert logged == [1, 2, 4, 6]
+    lines = [line for line in text.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == [f"{s}/10" for s in logged]
+    assert all("loss" in line and "img_s" in line for line in lines)
+    master, terminal = pty.openpty()  # the same run on a terminal: the bar, and no such lines
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 110, 0, 0))  # 110 columns (tqdm asks)
+    cmd = [sys.executable, str(ROOT / "minimal_vit_inet.py"), "--dataset", str(data), "--epochs", "1",
+           "--out_dir", str(tmp_path / "out2"), *TINY, "--workers", "0", "--stop_after", "6", "--log_every", "2"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=terminal, stderr=subprocess.DEVNULL)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert p.wait(timeout=300) == 0
+    shown = shown.decode(errors="replace")
+    assert re.search("\r(?!\n)", shown) and "6/10" in shown and "loss=" in shown  # redrawn in place
+    assert not any(line.startswith("step ") for line in shown.splitlines())
