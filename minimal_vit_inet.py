@@ -14,8 +14,7 @@ Measured (README): the official recipe's step on an H100; CIFAR-10 pretraining o
     torchrun --nproc_per_node=8 minimal_vit_inet.py  # one node: the official recipe (batch 512 = 8 x 64)
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         --rdzv-id=lejepa minimal_vit_inet.py  # two nodes, through torchrun's rendezvous (run on each)
-    # a local folder of images by class (root/train/<class>/*.jpg, optional root/validation/...)
-    python minimal_vit_inet.py --dataset /data/imagenette --model vit_small_patch16_224 --local_size 96
+    python minimal_vit_inet.py --dataset ~/data/imagenette --model resnet18  # a folder of images or parquet
 Rerun the same command to resume. ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms, log in.
 """
 import argparse
@@ -610,9 +609,8 @@ def load_data(cfg: Config, rank: int, world: int):
 
 
 def load_split(dataset: str, split: str, missing_ok: bool = False):
-    """One split of a save_to_disk folder, a local image folder (imagefolder) or a hub dataset, which the
-    first call prepares with a process per core (ImageNet: 1,024 tars); with missing_ok, None when there is
-    no such split (e.g. no validation folder)."""
+    """One split of a save_to_disk folder, another local folder or a hub dataset (the first call prepares it,
+    a process per core: ImageNet's 1,024 tars); with missing_ok, None when there is no such split."""
     try:
         if os.path.exists(os.path.join(dataset, "dataset_dict.json")):
             return datasets.load_from_disk(dataset)[split]  # a DatasetDict written by save_to_disk
@@ -621,8 +619,8 @@ def load_split(dataset: str, split: str, missing_ok: bool = False):
             if split not in ("train", str(ds.split)):
                 raise KeyError(split)
             return ds
-        if os.path.isdir(dataset):
-            return datasets.load_dataset("imagefolder", data_dir=dataset, split=split)
+        if os.path.isdir(dataset):  # datasets infers the format: images by class, parquet, arrow, csv, ...
+            return datasets.load_dataset(dataset, split=split)
         return datasets.load_dataset(dataset, split=split, num_proc=os.cpu_count())
     except (ValueError, KeyError, ConnectionError, FileNotFoundError) as err:  # incl. DatasetNotFoundError
         if missing_ok and (isinstance(err, KeyError) or "split" in str(err)):  # (KeyError: a saved folder's)

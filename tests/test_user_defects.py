@@ -190,3 +190,40 @@ def test_a_log_file_gets_a_line_per_log_interval_and_a_terminal_a_bar(tmp_path, 
     shown = shown.decode(errors="replace")
     assert re.search("\r(?!\n)", shown) and "6/10" in shown and "loss=" in shown  # redrawn in place
     assert not any(line.startswith("step ") for line in shown.splitlines())
+
+
+# ---------------------------------------------------------------- 6. a hub dataset downloaded to a folder
+
+def write_parquet_folder(images: Path, root: Path, split_dir: dict) -> Path:
+    """The image folder's pictures and classes as parquet shards (what `hf download` writes for a dataset
+    stored as parquet), split_dir: {split: path of its shard under root}."""
+    names = sorted(d.name for d in (images / "train").iterdir())
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=names))
+    for split, shard in split_dir.items():
+        files = sorted((images / split).glob("*/*.jpg"))
+        rows = dict(image=[Image.open(f) for f in files], label=[names.index(f.parent.name) for f in files])
+        (root / shard).parent.mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(root / shard))
+    return root
+
+
+LAYOUTS = {  # the hub's own layout (data/), and that of a parquet-converted branch (refs/convert/parquet)
+    "data": {"train": "data/train-00000-of-00001.parquet", "validation": "data/validation-00000-of-00001.parquet"},
+    "converted": {"train": "160px/train/0000.parquet", "validation": "160px/validation/0000.parquet"}}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_a_downloaded_parquet_folder_loads_in_both_scripts(tmp_path, data, monkeypatch, layout):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    root = write_parquet_folder(data, tmp_path / "imagenette", LAYOUTS[layout])
+    folder = root / "160px" if layout == "converted" else root  # --dataset ~/data/imagenette/160px
+    train, val = mvi.load_split(str(folder), "train"), mvi.load_split(str(folder), "validation")
+    assert (len(train), len(val)) == (160, 40)  # 40 and 10 images of each of the 4 classes
+    assert mvi.find_columns(train) == ("image", "label") and mvi.count_classes(train, "label") == 4
+    assert sorted(train["label"]) == [c for c in range(4) for _ in range(40)]
+    if layout == "converted":  # end to end: pretraining, then the probe
+        r = pretrain(tmp_path, folder, tmp_path / "out", "--stop_after", "2")
+        assert r.returncode == 0, r.stderr[-3000:]
+        results = probe("--model", "pixels", "--global_size", 16, "--dataset", folder, "--out_dir", tmp_path / "p",
+                        *FAST)
+        assert results[str(folder)]["all"]["linear"] > 50  # the classes differ by colour: far above 25%
