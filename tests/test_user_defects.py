@@ -164,7 +164,7 @@ def test_a_log_file_gets_a_line_per_log_interval_and_a_terminal_a_bar(tmp_path, 
         r = pretrain(tmp_path, data, tmp_path / "out", "--stop_after", "6", "--log_every", "2", stdout=log, e=e)
     assert r.returncode == 0, r.stderr[-3000:]
     text = (tmp_path / "job.log").read_text()
-    assert "\r" not in text  # no bar redrawn in place
+    assert "\r" not in text and "%|" not in text  # no bar: neither redrawn in place nor a line per refresh
     logged = [rec["step"] for rec in read_metrics(tmp_path / "out") if "loss" in rec]
     assert logged == [1, 2, 4, 6]
     lines = [line for line in text.splitlines() if line.startswith("step ")]
