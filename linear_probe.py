@@ -11,8 +11,7 @@ then rank 0 trains the heads. Outputs in --out_dir: results.json (every number a
   python linear_probe.py --checkpoint out/lejepa/export --dataset /data/cifar10-jpg --val_split test
   python linear_probe.py --model resnet50 --pretrained true --dataset cifar10 pets --shots 10 all
 Measured: CIFAR-10 (50k + 10k images, resnet18 at 32 px) in 5.7 min on a 2-core CPU, 26 s on one H100 (a rerun
-reads the cache). ImageNet and the transfer table: not measured yet. ImageNet-1k is gated: `hf auth login`.
-"""
+reads the cache); ImageNet and the transfer table: not measured yet. ImageNet-1k is gated: `hf auth login`."""
 import argparse
 import dataclasses
 import hashlib
@@ -84,6 +83,9 @@ TRANSFER = {
 def build_model(cfg: Config, device):
     """-> (frozen model on device, in eval mode; evaluation size in px, mean, std, identity for the cache)."""
     name, size, mean, std = cfg.model, cfg.global_size or 224, mvi.IMAGENET_MEAN, mvi.IMAGENET_STD
+    if cfg.checkpoint and name.startswith(HUB):  # weights named twice: --checkpoint's are the ones probed
+        mvi.print0(f"note: probing --checkpoint {cfg.checkpoint}; the weights of --model {name} are not used")
+        name = ""
     if os.path.isdir(cfg.checkpoint):  # an export folder of minimal_vit_inet.py (timm's Hugging Face format)
         name = "local-dir:" + os.path.abspath(cfg.checkpoint)
     if name.startswith(HUB) or cfg.pretrained:  # weights with their mean, std and size
@@ -99,7 +101,7 @@ def build_model(cfg: Config, device):
         if not os.path.isfile(cfg.checkpoint):
             sys.exit(f"error: checkpoint {cfg.checkpoint} not found")
         ckpt = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)  # tensors and plain values
-        name, train_size = cfg.model or ckpt["config"]["model"], ckpt["config"]["global_size"]
+        name, train_size = name or ckpt["config"]["model"], ckpt["config"]["global_size"]
         model = mvi.build_backbone(name, train_size)  # as in training; other sizes through dynamic_img_size
         state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
         try:
@@ -147,8 +149,7 @@ def cached_features(cfg, model, mean, std, ident, dataset, role, device, rank, w
     if exists[0]:
         mvi.print0(f"{dataset} {role}: features from the cache {path}")
         return path
-    # every rank loads: while one prepares the split, the others wait on datasets' file lock (no collective)
-    ds, image_col, label_col = load_labelled(cfg, dataset, role)
+    ds, image_col, label_col = load_labelled(cfg, dataset, role)  # every rank: one prepares, others wait
     ds = split_dataset_by_node(ds, rank, world)  # contiguous shares, so rank order is row order
     loader = mvi.eval_loader(cfg, ds, image_col, label_col, 0, 1, cfg.batch_size)  # 0, 1: ds is the share
     feats, y, t0 = [], [], time.perf_counter()
@@ -190,8 +191,7 @@ def cache_path(cfg, ident, dataset, role, mean, std):
 def sample_shots(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """Indices of k training images per class (all of a class that has fewer), drawn with a fixed seed."""
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))  # then k of each class
-    picks = [perm[labels[perm] == c][:k] for c in labels.unique()]
-    return torch.cat(picks).sort().values
+    return torch.cat([perm[labels[perm] == c][:k] for c in labels.unique()]).sort().values
 
 
 def train_head(x, y, x_val, y_val, num_classes: int, cfg: Config, seed: int, device) -> float:
@@ -303,8 +303,8 @@ def main(cfg: Config):
 def parse_config(argv=None) -> Config:
     """argparse from Config; a bad flag: one line, here. --dataset comes back with "transfer" expanded."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        parse = {bool: mvi.flag, tuple: str}.get(f.type, type(f.default))  # a mistyped bool: refused
+    for f in dataclasses.fields(Config):  # a mistyped bool is refused; in strings, ~ is home, as in a shell
+        parse = {bool: mvi.flag, int: int, float: float}.get(f.type, os.path.expanduser)  # strings, tuples
         p.add_argument(f"--{f.name}", type=parse, default=f.default, nargs="+" if f.type is tuple else None)
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
     names = [n for name in cfg.dataset for n in (TRANSFER if name == "transfer" else [name])]

@@ -14,8 +14,7 @@ Measured (README): the official recipe's step on an H100; CIFAR-10 pretraining o
     torchrun --nproc_per_node=8 minimal_vit_inet.py  # one node: the official recipe (batch 512 = 8 x 64)
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         --rdzv-id=lejepa minimal_vit_inet.py  # two nodes, through torchrun's rendezvous (run on each)
-    # a local folder of images by class (root/train/<class>/*.jpg, optional root/validation/...)
-    python minimal_vit_inet.py --dataset /data/imagenette --model vit_small_patch16_224 --local_size 96
+    python minimal_vit_inet.py --dataset ~/data/imagenette --model resnet18  # a folder of images or parquet
 Rerun the same command to resume. ImageNet-1k (timm/imagenet-1k-wds) is gated: accept its terms, log in.
 """
 import argparse
@@ -329,7 +328,7 @@ def main(cfg: Config):
     total, warmup = cfg.epochs * data.steps_per_epoch, round(cfg.warmup_epochs * data.steps_per_epoch)
     print_setup(cfg, data, model, optimizer, world, device, total, warmup, start)
     log = Logger(cfg, start) if rank == 0 else None
-    bar = tqdm(total=total, initial=start, disable=rank != 0, file=sys.stdout)  # stderr: errors alone
+    bar = tqdm(total=total, initial=start, disable=rank != 0 or not sys.stdout.isatty(), file=sys.stdout)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss: kept on the device
     batches, acc, stop, sigterm = None, None, False, False
     for step in range(start, total + 1):
@@ -389,6 +388,8 @@ def log_step(cfg, step, epoch, terms, optimizer, nonfinite, saved_step, ddp, bar
         images_per_s = cfg.batch_size * (step - then_step) / (log.clock[0] - then)
         bar.set_postfix(loss=f"{loss:.4f}", inv=f"{inv:.4f}", sigreg=f"{sig:.3f}", lr=f"{lr:.2e}",
                         img_s=f"{images_per_s:.0f}")
+        if bar.disable:  # stdout is not a terminal: this line, not a bar redrawn several times a second
+            print0(f"step {step}/{bar.total} | {bar.postfix}")
         log(dict(step=step, epoch=epoch, loss=loss, invariance=inv, sigreg=sig, probe_loss=probe_loss, lr=lr,
                  images_per_s=images_per_s))
     return sigterm
@@ -396,24 +397,21 @@ def log_step(cfg, step, epoch, terms, optimizer, nonfinite, saved_step, ddp, bar
 
 # =========================================================================================================
 # Plumbing: the command line, processes and faults, data, checkpoints, logs, export
-# =========================================================================================================
 
 def parse_config(argv=None) -> Config:
     """argparse generated from the dataclass; every check that can fail before heavy work ends in one line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", type=flag, default=f.default)
-        else:  # tuples take as many numbers as their default: crop scales 2, jitter 4
-            n = len(f.default) if isinstance(f.default, tuple) else None
-            p.add_argument(f"--{f.name}", type=float if n else type(f.default), nargs=n, default=f.default)
+    for f in dataclasses.fields(Config):  # a mistyped bool is refused; in strings, ~ is home, as in a shell
+        n = len(f.default) if isinstance(f.default, tuple) else None  # crop scales: 2 numbers, jitter: 4
+        parse = {bool: flag, str: os.path.expanduser}.get(f.type, float if n else f.type)
+        p.add_argument(f"--{f.name}", type=parse, nargs=n, default=f.default)
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
     positive = ["batch_size", "global_size", "local_size", "n_global", "num_slices", "proj_hidden",
                 "proj_dim", "epochs", "lr", "log_every", "save_every", "final_lr_div"]
     not_negative = ["workers", "steps_per_epoch", "stop_after", "n_local", "drop_path"]
     checks = [(getattr(cfg, k) > 0, f"--{k} must be > 0, got {getattr(cfg, k)}") for k in positive]
     checks += [(getattr(cfg, k) >= 0, f"--{k} must be >= 0, got {getattr(cfg, k)}") for k in not_negative]
-    local = cfg.dataset.startswith(("/", ".", "~")) or cfg.dataset.count("/") > 1  # a path, not owner/name
+    local = cfg.dataset.startswith(("/", ".")) or cfg.dataset.count("/") > 1  # a path, not owner/name
     checks += [
         (0 <= cfg.lamb <= 1, f"--lamb must be in [0, 1], got {cfg.lamb}"),
         (cfg.drop_path < 1, f"--drop_path must be < 1, got {cfg.drop_path}"),
@@ -438,15 +436,12 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
-def flag(text: str) -> bool:  # --field true / false; a typo is refused, not read as false
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise ValueError(text)
-    return text.lower() in ("true", "1", "yes")
+def flag(text: str) -> bool:  # --field true / false; a typo is refused (ValueError), not read as false
+    return ("false", "true", "0", "1", "no", "yes").index(text.lower()) % 2 == 1
 
 
 def patch_size(model: str) -> int:
-    """A ViT's patch size in px; 1 for a convnet, or when it cannot be told. Built on the meta device: no
-    memory, a tenth of a second for ViT-L."""
+    """A ViT's patch size in px (1: a convnet, or unknown), built on the meta device: no memory, 0.1 s."""
     try:
         with torch.device("meta"):
             size = getattr(getattr(build_backbone(model), "patch_embed", None), "patch_size", 1)
@@ -455,9 +450,8 @@ def patch_size(model: str) -> int:
     return size[0] if isinstance(size, (tuple, list)) else int(size)
 
 
-# --- Processes and faults. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain `python` runs one process. A run
-# ends at once when anything fails (run) or torchrun dies (exit_with_launcher), keeps one writer per out_dir
-# (claim_out_dir), checkpoints on SIGTERM and never writes non-finite weights (check_health).
+# --- Processes and faults: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK (plain `python`: one process); a run
+# ends at once on any error, keeps one writer per out_dir, and checkpoints on SIGTERM.
 
 STOP = threading.Event()  # set by SIGTERM (preemption): the loop checkpoints and exits
 LOCK = {"fd": None}  # out_dir's open lock file; the OS releases the lock when the process dies
@@ -471,8 +465,7 @@ def setup_distributed():
         rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        # a slow rank (rank 0 writing a checkpoint, another node preparing the data) may keep the others
-        # waiting for up to an hour (NCCL's default: 10 minutes); a rank that fails ends the job at once
+        # ranks may wait an hour (NCCL's default: 10 min) for a slow one: a checkpoint, a node preparing data
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=datetime.timedelta(minutes=60))
         exit_with_launcher()
@@ -486,9 +479,8 @@ def close_distributed(ddp: bool):
 
 
 def run(main, *args):
-    """Call main; on any error end this process at once, non-zero, with the traceback (or sys.exit's line).
-    os._exit skips the exit handlers, which would wait forever for DataLoader workers (they outlive a
-    SIGTERM: _worker_init); the workers see their parent gone and exit. torchrun stops the other ranks."""
+    """Call main; on any error end at once, with the traceback or sys.exit's line (os._exit: no exit handlers,
+    which would wait forever for DataLoader workers that outlive a SIGTERM); torchrun stops the others."""
     try:
         main(*args)
     except SystemExit as err:  # sys.exit("error: one line"): that line alone
@@ -517,9 +509,8 @@ def exit_with_launcher():
 
 
 def claim_out_dir(cfg: Config, rank: int, world: int) -> int:
-    """Refuse, touching nothing, a batch that does not split over the ranks, an out_dir that holds another
-    run's checkpoint, or one in use: rank 0 holds a flock on out_dir/lock for the whole run (the OS drops it
-    when the process dies: no stale lock). -> the step of the checkpoint in out_dir, 0 if none."""
+    """Refuse, touching nothing, a batch that does not split over the ranks, another run's out_dir, or one in
+    use (rank 0 holds a flock on out_dir/lock; the OS drops it with rank 0). -> the checkpoint's step or 0"""
     if cfg.batch_size % world:
         sys.exit(f"error: --batch_size {cfg.batch_size} is not divisible by the world size {world}")
     path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
@@ -567,9 +558,8 @@ def lock_out_dir(out_dir: str) -> int:
 
 
 def _worker_init(worker_id):
-    """DataLoader workers serve batches for 60 s after a SIGTERM to the process group, so that the main
-    process reaches its checkpoint, then end; they die with their rank (one blocked on a pipe to a killed rank
-    stayed for hours), and close the inherited lock: it goes with the main process."""
+    """A worker serves batches for 60 s after a SIGTERM (its rank reaches its checkpoint), dies with its rank
+    (one blocked on a pipe to a killed rank stayed for hours), and closes the inherited out_dir lock."""
     signal.signal(signal.SIGTERM, lambda *_: signal.alarm(60))  # SIGALRM's default action ends the worker
     if hasattr(ctypes.CDLL(None), "prctl"):  # Linux; elsewhere DataLoader's own watchdog (a 5 s poll)
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG, a signal when the parent dies
@@ -578,9 +568,8 @@ def _worker_init(worker_id):
 
 
 def check_health(cfg, nonfinite, step, saved_step, ddp, model=None) -> bool:
-    """The one host sync of training, at the log interval and before each save, all-reduced: every rank ends
-    alike, in one line, if any saw a non-finite loss or (given the model) holds a non-finite weight, which a
-    NaN gradient makes without touching the loss. True when a SIGTERM reached any rank."""
+    """The one host sync of training (log steps, saves), all-reduced: every rank ends alike, in one line, if
+    any saw a non-finite loss or (given the model) weight, as a NaN gradient makes. True: a SIGTERM came."""
     flags = [nonfinite, torch.full_like(nonfinite, STOP.is_set())]  # full, not tensor(): no host copy
     if model is not None:
         flags.append(~torch.stack([p.isfinite().all() for p in model.parameters()]).all())
@@ -596,7 +585,6 @@ def check_health(cfg, nonfinite, step, saved_step, ddp, model=None) -> bool:
 
 
 def seed_rank(seed: int, rank: int):
-    """Seed the global RNG by (seed, rank): what each rank draws on its own."""
     torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
 
 
@@ -623,9 +611,8 @@ def load_data(cfg: Config, rank: int, world: int):
 
 
 def load_split(dataset: str, split: str, missing_ok: bool = False):
-    """One split of a save_to_disk folder, a local image folder (imagefolder) or a hub dataset, which the
-    first call prepares with a process per core (ImageNet: 1,024 tars); with missing_ok, None when there is
-    no such split (e.g. no validation folder)."""
+    """One split of a save_to_disk folder, another local folder or a hub dataset (the first call prepares it,
+    a process per core: ImageNet's 1,024 tars); with missing_ok, None when there is no such split."""
     try:
         if os.path.exists(os.path.join(dataset, "dataset_dict.json")):
             return datasets.load_from_disk(dataset)[split]  # a DatasetDict written by save_to_disk
@@ -634,14 +621,12 @@ def load_split(dataset: str, split: str, missing_ok: bool = False):
             if split not in ("train", str(ds.split)):
                 raise KeyError(split)
             return ds
-        if os.path.isdir(dataset):
-            return datasets.load_dataset("imagefolder", data_dir=dataset, split=split)
+        if os.path.isdir(dataset):  # datasets infers the format: images by class, parquet, arrow, csv, ...
+            return datasets.load_dataset(dataset, split=split)
         return datasets.load_dataset(dataset, split=split, num_proc=os.cpu_count())
-    except (ValueError, KeyError) as err:  # an unknown split (KeyError: of a save_to_disk folder)
-        if missing_ok and (isinstance(err, KeyError) or "split" in str(err)):
+    except (ValueError, KeyError, ConnectionError, FileNotFoundError) as err:  # incl. DatasetNotFoundError
+        if missing_ok and (isinstance(err, KeyError) or "split" in str(err)):  # (KeyError: a saved folder's)
             return None
-        sys.exit(f"error: {dataset}: {hub_error(dataset, err)}")
-    except (ConnectionError, FileNotFoundError) as err:  # FileNotFoundError: datasets' DatasetNotFoundError
         sys.exit(f"error: {dataset}: {hub_error(dataset, err)}")
 
 
@@ -663,7 +648,6 @@ def find_columns(ds, image_column: str = "", label_column: str = ""):
     def find(given, feature, common):
         typed = [k for k, v in ds.features.items() if isinstance(v, feature)]
         return given or next(iter(typed + [k for k in common if k in ds.features]), None)
-
     image = find(image_column, datasets.Image, ("image", "img", "jpg", "png"))
     if image is None:
         sys.exit(f"error: no image column among {list(ds.features)}; pass --image_column")
@@ -671,15 +655,13 @@ def find_columns(ds, image_column: str = "", label_column: str = ""):
 
 
 def count_classes(ds, label_col) -> int:
-    """ClassLabel's count, else the largest label + 1."""
     feature = ds.features.get(label_col)
     return feature.num_classes if isinstance(feature, datasets.ClassLabel) else int(max(ds[label_col])) + 1
 
 
 class ViewsDataset(torch.utils.data.Dataset):
-    """Item (epoch, index) -> (views, label); the views are seeded by (seed, epoch, index), so the same for
-    any worker count, world size or resume point. A file that cannot be decoded (web-scraped sets hold some)
-    is replaced by the next readable one, so batches stay full and ranks step alike."""
+    """Item (epoch, index) -> (views, label), seeded by (seed, epoch, index): alike for any worker count,
+    world size or resume point. A file that cannot be decoded gives way to the next readable one."""
 
     def __init__(self, ds, image_col, label_col, transform, seed):
         self.ds, self.image_col, self.label_col, self.transform = ds, image_col, label_col, transform
@@ -761,21 +743,38 @@ def compiled(fn):  # --compile: fn compiled at its first use, one graph per inpu
 # --- Checkpoints: a plain dict, written atomically by rank 0; resume reads it back.
 
 def save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite, saved_step, ddp) -> int:
-    """out_dir/ckpt.pt, written by rank 0 once every rank's loss and weights are finite. -> step."""
+    """out_dir/ckpt.pt by rank 0, once all is finite; a failed write (full disk) ends every rank alike."""
     check_health(cfg, nonfinite, step, saved_step, ddp, model)
+    error = [None]
     if int(os.environ.get("RANK", 0)) == 0:
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), sigreg=sigreg.state_dict(),
                      step=step, config=dataclasses.asdict(cfg))
-        write_atomic(state, os.path.join(cfg.out_dir, "ckpt.pt"))
+        try:
+            write_atomic(state, os.path.join(cfg.out_dir, "ckpt.pt"))
+        except SystemExit as err:
+            error = [err.code + (f"; the last whole checkpoint is step {saved_step}'s" if saved_step else "")]
+    if ddp:
+        dist.broadcast_object_list(error, src=0)  # the other ranks wait here for the outcome
+    if error[0]:
+        sys.exit(error[0])
     return step
 
 
 def write_atomic(obj, path: str):
-    with open(path + ".tmp", "wb") as f:  # same folder: os.replace is atomic, a crash never leaves half one
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, even if the machine then loses power
-    os.replace(path + ".tmp", path)
+    """torch.save to path.tmp, then a rename; a failed write (a full disk): path.tmp removed, one line."""
+    try:
+        with open(path + ".tmp", "wb") as f:  # same folder: os.replace is atomic, a crash never leaves half
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, even if the machine then loses power
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as err:  # torch.save raises RuntimeError; f.write's OSError is its context
+        cause = err if isinstance(err, OSError) else err.__context__
+        if not isinstance(cause, OSError):
+            raise
+        if os.path.isfile(path + ".tmp"):
+            os.remove(path + ".tmp")  # a partial file, on a disk that has no room for it
+        sys.exit(f"error: cannot write {path}: {cause.strerror or cause}")
 
 
 def load_checkpoint(cfg, model: LeJEPA, optimizer, sigreg) -> int:
@@ -801,8 +800,7 @@ def print_setup(cfg, data, model, optimizer, world, device, total, warmup, start
 
 
 class Logger:
-    """Rank 0's metrics.jsonl (on resume, lines logged after the checkpoint are dropped), mirrored to Weights
-    & Biases with --wandb PROJECT; out_dir/wandb_id keeps one wandb run across resumes."""
+    """Rank 0's metrics.jsonl (a resume drops the lines after its checkpoint), mirrored to W&B by --wandb."""
 
     def __init__(self, cfg: Config, start_step: int):
         path = os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -814,15 +812,16 @@ class Logger:
         if cfg.wandb:
             import wandb
             id_path = os.path.join(cfg.out_dir, "wandb_id")
-            if not os.path.exists(id_path):
+            if os.path.exists(id_path):  # a resume rewinds the W&B run to the checkpoint, as metrics.jsonl is
+                run = dict(resume_from=f"{open(id_path).read()}?_step={start_step}")  # W&B drops lower steps
+            else:
+                run = dict(id=os.urandom(4).hex())
                 with open(id_path, "w") as f:
-                    f.write(os.urandom(4).hex())
-            self.wandb = wandb.init(project=cfg.wandb, id=open(id_path).read(), resume="allow",
-                                    dir=cfg.out_dir, config=dataclasses.asdict(cfg))
+                    f.write(run["id"])
+            self.wandb = wandb.init(project=cfg.wandb, dir=cfg.out_dir, config=dataclasses.asdict(cfg), **run)
 
     def __call__(self, record: dict):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        print(json.dumps(record), file=self.file, flush=True)
         if self.wandb:
             self.wandb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
 
@@ -835,18 +834,14 @@ class Logger:
 # --- Export: the backbone alone, in timm's Hugging Face format, loadable in one line.
 
 def export_for_hub(backbone: nn.Module, cfg: Config, step: int, folder: str, probe_acc=None):
-    """timm's save_for_hf: config.json (architecture, model args, and the pretrained config: input size,
-    bicubic resize + 0.875 centre crop as eval_transform, mean and std), model.safetensors and a model card.
-    timm.create_model("local-dir:FOLDER", pretrained=True) loads it; `hf upload USER/REPO FOLDER` shares it.
-    """
-    size = cfg.global_size
-    backbone.pretrained_cfg = dict(backbone.pretrained_cfg, tag="lejepa", input_size=(3, size, size),
-                                   num_classes=0, interpolation="bicubic", crop_pct=0.875, crop_mode="center",
-                                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    """timm's save_for_hf: config.json (eval_transform's size, crop, mean and std), model.safetensors; and a
+    model card. timm.create_model("local-dir:FOLDER", pretrained=True) loads it; `hf upload` shares it."""
+    backbone.pretrained_cfg = dict(backbone.pretrained_cfg, tag="lejepa", num_classes=0, crop_pct=0.875,
+                                   input_size=(3, cfg.global_size, cfg.global_size), interpolation="bicubic",
+                                   crop_mode="center", mean=IMAGENET_MEAN, std=IMAGENET_STD)
     args = dict(num_classes=0)
     if getattr(backbone, "dynamic_img_size", False):  # ViTs: one model for every view size
-        args.update(img_size=size, dynamic_img_size=True)
-    os.makedirs(folder, exist_ok=True)
+        args.update(img_size=cfg.global_size, dynamic_img_size=True)
     backbone.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
     timm.models.save_for_hf(backbone, folder, model_args=args, safe_serialization=True)
     acc = f"{100 * probe_acc:.2f}% (online linear probe, {cfg.val_split})" if probe_acc is not None else "-"
