@@ -288,12 +288,16 @@ def build_training(cfg: Config, num_classes: int, device: torch.device):
 # 5. Training step: views -> embeddings -> loss -> AdamW, with no host sync
 
 def train_step(model, optimizer, sigreg, batch, cfg, autocast, device) -> torch.Tensor:
-    """batch: per view size, uint8 views (V_s * N, 3, S, S) and draws (V_s * N, 11); labels (N,). Copies are
-    non-blocking (pinned memory), nothing read back -> (loss, invariance, sigreg, probe loss), on device."""
+    """One batch of N images from train_batches (collate_views made it in the DataLoader workers):
+        batch = ([(views, draws) for each view size S], labels (N,))  # S = 224 px (the globals), then 98 px
+        views  uint8 (V_s * N, 3, S, S)  the V_s views of size S (2 global, 6 local), view-major: row
+                                         v * N + n is view v of image n, as LeJEPA.forward reads them
+        draws  float (V_s * N, 11)       their colour draws (MultiCrop.params), read by colour_augment
+    Copies are non-blocking (pinned memory), nothing read back -> (loss, invariance, sigreg, probe loss)."""
     groups, labels = batch
     augment = compiled(colour_augment) if cfg.compile else colour_augment
     xs = [augment(x.to(device, non_blocking=True), c.to(device, non_blocking=True))
-          .contiguous(memory_format=torch.channels_last) for x, c in groups]
+          .contiguous(memory_format=torch.channels_last) for x, c in groups]  # float (V_s * N, 3, S, S)
     labels = labels.to(device, non_blocking=True)
     with autocast:
         emb, proj, logits = model(xs, len(labels), cfg.n_global)  # (V, N, D), (V, N, P), (G * N, C)
