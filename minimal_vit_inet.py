@@ -142,60 +142,55 @@ class MultiCrop:
         return TF.pil_to_tensor(img)  # uint8: a quarter of float32's bytes through the queues and PCIe
 
 
-FACTORS, GRAY, SIGMA, SOLARIZE = 4, 8, 9, 10  # columns of the colour draws after the 4 of the jitter order
-
-
 def colour_augment(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
-    """uint8 views (N, 3, H, W) and draws (N, 11) -> float32, augmented and normalised. Every op runs on every
-    image, the identity where it did not draw it: static shapes, no host sync, one compiled graph per size."""
+    """uint8 views (N, 3, H, W) and their draws (N, 11) -> float32, augmented and normalised: torchvision's
+    ColorJitter, grayscale, GaussianBlur and solarize, each image with its own draws. Every op runs on every
+    image and torch.where keeps its result where the image drew it: static shapes, no host sync."""
     x = x / 255  # uint8 -> float32 in [0, 1]
-    c = colour.view(len(x), 11, 1, 1, 1)  # c[:, j] is (N, 1, 1, 1): broadcasts over channels and pixels
-    order = c[:, :4]  # (N, 4 slots, 1, 1, 1): the jitter op of each slot (3: hue), -1 when jitter is off
-    factor = c[:, FACTORS:FACTORS + 4].gather(1, order.long().clamp(min=0))  # the factor of each slot's op
-    factor = torch.where(order >= 0, factor, 1.0)  # jitter off: 1, and a blend by 1 gives the image exactly
-    # The hue, the costly op, runs once at a fixed place: the blends of the slots before it, the hue, the
-    # blends of the slots after it; a slot's blend outside its phase has the factor 1.
-    hue_at = (order == 3).float().argmax(1, keepdim=True)  # the hue's slot (0 when jitter is off)
-    slot = channel_constant((0.0, 1, 2, 3), x.device)[..., None]  # (1, 4, 1, 1, 1)
-    before = torch.where(slot < hue_at, factor, 1.0).unbind(1)  # 4 x (N, 1, 1, 1)
-    after = torch.where(slot > hue_at, factor, 1.0).unbind(1)
-    for s in range(3):
-        x = blend(x, order[:, s], before[s])
-    turn = channel_constant((5.0, 3, 1), x.device) + 6 * c[:, FACTORS + 3]  # (N, 3, 1, 1): see rotate_hue
-    x = torch.where(order[:, 0] >= 0, rotate_hue(x, turn), x)  # every image that draws jitter draws a hue
-    for s in range(1, 4):
-        x = blend(x, order[:, s], after[s])
-    drawn = (c > 0).unbind(1)  # drawn[GRAY], drawn[SIGMA], drawn[SOLARIZE] (N, 1, 1, 1): the image draws it
-    x = torch.where(drawn[GRAY], grayscale(x), x)
+    draws = colour.view(-1, 11, 1, 1).split(1, dim=1)  # MultiCrop.params' 11, each (N, 1, 1, 1): per image
+    *order, brightness, contrast, saturation, hue, gray, sigma, solarize = draws
+    jitter = [(adjust_brightness, brightness), (adjust_contrast, contrast), (adjust_saturation, saturation),
+              (adjust_hue, hue)]
+    for slot_op in order:  # ColorJitter's random order: each slot's op, 0 to 3 as in `jitter` (-1: no jitter)
+        for op, (adjust, factor) in enumerate(jitter):
+            x = torch.where(slot_op == op, adjust(x, factor), x)
+    x = torch.where(gray > 0, grayscale(x), x)
     # the images that draw no blur stay exact whatever the convolution's precision (cuDNN may use TF32)
-    x = torch.where(drawn[SIGMA], gaussian_blur(x, colour[:, SIGMA]), x)
-    x = torch.where(drawn[SOLARIZE] & (x >= 128 / 255), 1 - x, x)  # solarize at 128 of 255
-    return normalize(x, scale=1.0)
+    x = torch.where(sigma > 0, gaussian_blur(x, sigma.flatten()), x)
+    x = torch.where((solarize > 0) & (x >= 128 / 255), 1 - x, x)  # solarize at 128 of 255
+    return normalize(x, scale=1.0)  # ImageNet's mean and std
 
 
-def blend(x, op, f):
-    """Brightness (op 0), contrast (1) or saturation (2), per image: f x + (1 - f) target, the target 0, the
-    mean grey or the grey; f = 1 gives x exactly. x (N, 3, H, W); op, f (N, 1, 1, 1)."""
-    grey = grayscale(x)  # (N, 1, H, W)
-    target = torch.where(op == 2, grey, (op == 1) * grey.mean((2, 3), keepdim=True))
-    return torch.lerp(target, x, f).clamp(0, 1)
+# ColorJitter's ops with torchvision's math, a factor per image: x (N, 3, H, W) in [0, 1], factor (N, 1, 1, 1)
+def adjust_brightness(x, factor):  # blend with black
+    return (x * factor).clamp(0, 1)
+
+
+def adjust_contrast(x, factor):  # blend with the mean grey: lerp(mean, x, f) = f x + (1 - f) mean
+    return torch.lerp(grayscale(x).mean((1, 2, 3), keepdim=True), x, factor).clamp(0, 1)
+
+
+def adjust_saturation(x, factor):  # blend with the grey image
+    return torch.lerp(grayscale(x), x, factor).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """torchvision's adjust_hue (RGB -> HSV, the hue turned by `shift` turns, HSV -> RGB) in closed form. With
+    v = max, delta = max - min (= v s) and the hue h in sixths of a turn (0 red, 2 green, 4 blue),
+        RGB -> HSV: h = (g - b) / delta if r is the max, (b - r) / delta + 2 if g, (r - g) / delta + 4 if b;
+        turn:       h = h + 6 shift;
+        HSV -> RGB: channel n (r: 5, g: 3, b: 1) = v - delta clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6.
+    A grey pixel (delta 0) has no hue and stays as it is (the clamp is multiplied by 0)."""
+    v, top = x.max(1, keepdim=True)  # (N, 1, H, W): the max and its channel (tied channels give the same h)
+    delta = v - x.amin(1, keepdim=True)
+    diff = x.roll(-1, 1) - x.roll(-2, 1)  # (g - b, b - r, r - g): h's numerator for a max in r, g, b
+    h = (diff / delta.clamp(min=1e-12) + channel_constant((0.0, 2, 4), x.device)).gather(1, top)
+    k = (h + 6 * shift + channel_constant((5.0, 3, 1), x.device)) % 6  # (N, 3, H, W)
+    return v - delta * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 def grayscale(x):  # (N, 3, H, W) -> (N, 1, H, W), ITU-R 601-2 luma as torchvision
     return (x * channel_constant((0.2989, 0.587, 0.114), x.device)).sum(1, keepdim=True)
-
-
-def rotate_hue(x, turn):
-    """Rotate the hue, keeping saturation and value. With max, min, delta = max - min and the hue h in sixths
-    of a turn, channel n (r: 5, g: 3, b: 1) is max - delta * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6:
-    the HSV -> RGB formula with S * V = delta. x (N, 3, H, W); turn (N, 3, 1, 1) = (5, 3, 1) + 6 * shift.
-    A grey pixel (delta 0) gets any h: it is multiplied by delta (the clamp moves others by 1e-12 at most)."""
-    hi, top = x.max(1, keepdim=True)  # (N, 1, H, W): the max and its channel (tied channels give one hue)
-    delta = hi - x.amin(1, keepdim=True)
-    diff = x.roll(-1, 1) - x.roll(-2, 1)  # (g - b, b - r, r - g); h = diff[top] / delta + (0, 2, 4)[top]
-    h = torch.addcdiv(channel_constant((0.0, 2, 4), x.device), diff, delta.clamp(min=1e-12)).gather(1, top)
-    k = (h + turn) % 6  # (N, 3, H, W); addcdiv and addcmul: one op each instead of two
-    return torch.addcmul(hi, delta, torch.minimum(k, 4 - k).clamp(0, 1), value=-1)  # hi - delta * (...)
 
 
 def gaussian_blur(x, sigma, size=23):
@@ -292,12 +287,16 @@ def build_training(cfg: Config, num_classes: int, device: torch.device):
 # 5. Training step: views -> embeddings -> loss -> AdamW, with no host sync
 
 def train_step(model, optimizer, sigreg, batch, cfg, autocast, device) -> torch.Tensor:
-    """batch: per view size, uint8 views (V_s * N, 3, S, S) and draws (V_s * N, 11); labels (N,). Copies are
-    non-blocking (pinned memory), nothing read back -> (loss, invariance, sigreg, probe loss), on device."""
+    """One batch of N images from train_batches (collate_views made it in the DataLoader workers):
+        batch = ([(views, draws) for each view size S], labels (N,))  # S = 224 px (the globals), then 98 px
+        views  uint8 (V_s * N, 3, S, S)  the V_s views of size S (2 global, 6 local), view-major: row
+                                         v * N + n is view v of image n, as LeJEPA.forward reads them
+        draws  float (V_s * N, 11)       their colour draws (MultiCrop.params), read by colour_augment
+    Copies are non-blocking (pinned memory), nothing read back -> (loss, invariance, sigreg, probe loss)."""
     groups, labels = batch
     augment = compiled(colour_augment) if cfg.compile else colour_augment
     xs = [augment(x.to(device, non_blocking=True), c.to(device, non_blocking=True))
-          .contiguous(memory_format=torch.channels_last) for x, c in groups]
+          .contiguous(memory_format=torch.channels_last) for x, c in groups]  # float (V_s * N, 3, S, S)
     labels = labels.to(device, non_blocking=True)
     with autocast:
         emb, proj, logits = model(xs, len(labels), cfg.n_global)  # (V, N, D), (V, N, P), (G * N, C)

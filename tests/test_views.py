@@ -204,11 +204,16 @@ def test_normalize_on_device_matches_cpu_torchvision():
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_the_colour_stage_of_a_step_dispatches_at_most_300_ops():
+def test_the_colour_stage_of_a_step_dispatches_at_most_400_ops():
     """On a GPU every aten op is at least one kernel launch, and the colour stage was launch-bound (2,934 ops
     per step, one call per view gathering and scattering each op's images). A step's views, collated as the
-    DataLoader worker does (2 x 224 px + 6 x 98 px per image), take one call per view size: at most 300 ops in
-    all, whatever the images draw."""
+    DataLoader worker does (2 x 224 px + 6 x 98 px per image), take one call per view size: at most 400 ops in
+    all, whatever the images draw.
+    Why 400 and not 300: the readable form (issue #24) computes each of ColorJitter's 4 ops in each of its 4
+    slots and keeps the drawn one with torch.where: 374 ops per step on torch 2.14 (~187 per call: the 16 op
+    evaluations ~150, the hue's closed form ~19 of them each time). The former form, 268 ops, blended the
+    three blends in one expression and ran the hue once at a fixed place; no GPU measured a gain from it, and
+    the issue keeps a trick only where bench/gpu_check.py measures one on a card."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -230,6 +235,6 @@ def test_the_colour_stage_of_a_step_dispatches_at_most_300_ops():
     mvi.colour_augment(*groups[0])  # the first call builds the per-device constants
     with Count() as count:
         out = [mvi.colour_augment(x, c) for x, c in groups]
-    assert len(count.ops) <= 300, sorted(set(count.ops))
+    assert len(count.ops) <= 400, sorted(set(count.ops))
     assert "index" not in count.ops and "nonzero" not in count.ops  # no gather of each op's images
     assert all(torch.isfinite(o).all() and o.dtype == torch.float32 for o in out)
