@@ -1,33 +1,30 @@
-"""Does the method learn? LeJEPA-pretrain a small timm backbone on CIFAR-10 for a fixed CPU budget, then probe it.
+"""Side by side on CIFAR-10 at an equal CPU budget: the authors' minimal example (MINIMAL.md) against
+minimal_vit_inet.py, the same backbone and data, every run probed by linear_probe.py.
 
-Pipeline: minimal_vit_inet.py pretrains on the CIFAR-10 JPEGs (train split, labels unused except by the online
-probe) for --budget_min minutes; linear_probe.py then reports linear and k-NN top-1 on the test split for
-  - the pretrained backbone,
-  - the same architecture at random init (the same seed minimal_vit_inet.py starts from),
-  - the raw pixels (the 3072 normalised values of the 32 px view),
-all under the same protocol (32 px centre view, LayerNorm + linear head, AdamW, warm-up + cosine).
-Target: pretrained >= random init + 20 points, and above raw pixels (about 40%).
+Each run pretrains for --budget_min minutes of wall-clock (a 10-step calibration measures img/s first; the
+schedule is then sized to fill the rest), on the CIFAR-10 JPEGs' train split; linear_probe.py then reports
+linear, k-NN and 10-shot linear top-1 on the test split (32 px centre view, LayerNorm + linear head).
+Runs (--runs):
+  official  the minimal example's recipe, written here from its published values (its code is not copied):
+            V = 4 views of one size (crop scale 0.08-1), ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2,
+            blur p 0.5 (7 taps), solarize 0.2; backbone + a 512-wide linear head, projector 2048-2048-16,
+            lambda 0.02, 256 slices, AdamW lr 2e-3 wd 5e-2 on every weight, batch 256, a one-epoch linear
+            warm-up from lr / 100, then cosine to an absolute 1e-3 (the example's eta_min); the invariance
+            centres on all V views; the online probe reads every view
+  NAME      minimal_vit_inet.py with RECIPES[NAME]'s flags (below), plus --flags (an ablation's difference)
+  pixels    the normalised 32 px pixels, probed alike (no training)
+  random    the backbone at random init (the seed minimal_vit_inet.py starts from)
+Every finished run appends a line to --out_dir/results.jsonl (flags, steps, img/s, the online probe per
+epoch, linear / k-NN / 10-shot); --table prints that file as docs/recipe_cifar10.md's tables.
 
-CPU choices (2 cores): a ViT at 32 px learns nothing in 30 minutes (about 30 img/s), so the backbone is timm's
-resnet18 at 32 px with 2 global (32 px) + 4 local (16 px) views, batch 128, and a 512-wide projector (the
-2048-wide default costs as much as the backbone at this size); lr 2e-3 (the official 5e-4 suits 100 epochs, not
-one or two) and one DataLoader worker (two took CPU from the training step: 35 against 42 img/s). The step
-count is derived from the budget: a 10-step calibration run measures img/s first, then the steps fill the
-rest of the budget, spread over as few epochs as hold them, with one warm-up + cosine schedule.
-
-    python bench/quality_cifar10.py                    # 30-minute budget (about 35-45 minutes with the probes)
-    python bench/quality_cifar10.py --model resnet10t  # faster per step, but a stronger random init
-    python bench/quality_cifar10.py --budget_min 4     # smoke run of the whole pipeline
+    python bench/quality_cifar10.py --budget_min 15 --runs official small pixels --seed 0
+    taskset -c 1 python bench/quality_cifar10.py --budget_min 8 --threads 1 --runs small --flags --lamb 0.05
+    python bench/quality_cifar10.py --table
 Data: ../shared/data/cifar10-jpg.tar.gz (train/<class>/*.jpg 5000 per class, test/<class>/*.jpg 1000 per
 class), extracted once to --root; the bench skips with a message when the archive is absent.
-Measured (quiet 2-core CPU, torch 2.14.1, 30-minute budget), linear / k-NN top-1 on the test split:
-    resnet18 : 2,418 steps (6.2 epochs, 29.8 min, 2026-12-01) | LeJEPA 52.21 / 48.08, random init 23.84 / 23.39,
-               raw pixels 38.46 / 45.57 -> +28.4 points over random init: PASS
-    resnet18 : 500 steps (1.3 epochs, 22.6 min, 2026-11-25: 47 img/s then) | LeJEPA 47.17 / 43.23 -> +23.3
-    resnet10t: 682 steps (1.75 epochs, 26.2 min) | LeJEPA 51.32 / 46.88, random init 40.20 / 38.05 -> +11.1
-Probes: about 4.5 min per backbone; raw pixels 8 min the first time (features are cached in --out_dir).
+Measured: docs/recipe_cifar10.md (machine, date, every run).
 """
-import dataclasses
+import argparse
 import json
 import math
 import os
@@ -36,115 +33,240 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_IMAGES = 50_000
+
+# minimal_vit_inet.py flags of each named recipe (data, model, size, seed, budget and schedule length are
+# added by the bench). "small" is the README's small-image command.
+RECIPES = {
+    "small": "--n_global 4 --n_local 0 --global_scale 0.08 1 --jitter 0.8 0.8 0.8 0.2 --lamb 0.02 "
+             "--proj_dim 16 --num_slices 256 --batch_size 256 --weight_decay 0.05 --lr 2e-3 --warmup_epochs 1",
+    # the settings this bench used until 2026-12-05 (2 x 32 + 4 x 16 px, the README's GOTO loss)
+    "old": "--n_global 2 --n_local 4 --local_size 16 --batch_size 128 --proj_hidden 512 --lr 2e-3 "
+           "--warmup_epochs 0.1",
+    # the official example's values as flags (issue #22's third row): the same as "official" but our code
+    "official-flags": "--n_global 4 --n_local 0 --global_scale 0.08 1 --jitter 0.8 0.8 0.8 0.2 --lamb 0.02 "
+                      "--proj_dim 16 --num_slices 256 --batch_size 256 --weight_decay 0.05 --lr 2e-3 "
+                      "--warmup_epochs 1 --final_lr_div 2",
+}
 
 
-@dataclass
-class Config:
-    budget_min: float = 30.0  # pretraining wall-clock budget (calibration included), minutes
-    archive: str = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz")
-    root: str = "/tmp/cifar10-jpg"  # extracted image folder (train/, test/)
-    out_dir: str = "/tmp/lejepa-quality"  # pretraining run, probes and their feature caches
-    model: str = "resnet18"  # timm name (see the docstring)
-    global_size: int = 32  # px: CIFAR's own size
-    local_size: int = 16  # px
-    n_local: int = 4  # local views (+ 2 global): 6 views per image
-    batch_size: int = 128  # images per step
-    proj_hidden: int = 512  # projector width (see the docstring)
-    lr: float = 2e-3  # 4x the official 5e-4: a one-epoch run (see the docstring)
-    workers: int = 1  # DataLoader workers (1 beat 2 on 2 cores: the training step needs both)
-    calib_steps: int = 10  # steps of the throughput calibration run
-    threads: int = 0  # > 0: OMP_NUM_THREADS of every child (on a shared machine 1 beat 2 contended threads 4x)
-
-
-def parse_config() -> Config:
-    import argparse
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    return Config(**vars(p.parse_args()))
+    p.add_argument("--budget_min", type=float, default=15.0, help="pretraining wall-clock per run, minutes")
+    p.add_argument("--runs", nargs="+", default=["official", "small", "pixels"])
+    p.add_argument("--flags", default="", help="more minimal_vit_inet.py flags for the NAME runs (ablations)")
+    p.add_argument("--tag", default="", help="a name for this ablation in results.jsonl")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--size", type=int, default=32, help="px of the views and of the probe's centre view")
+    p.add_argument("--epoch_images", type=int, default=TRAIN_IMAGES,
+                   help="images per epoch (the example's warm-up, the online probe's interval); fewer: more epochs")
+    p.add_argument("--official_batch", type=int, default=256, help="the example's batch (smaller: a smoke run)")
+    p.add_argument("--shots", nargs="+", default=["10", "all"])
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers of every run (2 or 3: no faster)")
+    p.add_argument("--threads", type=int, default=0, help="> 0: torch threads of every run")
+    p.add_argument("--archive", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz"))
+    p.add_argument("--root", default="/tmp/cifar10-jpg", help="the extracted image folder")
+    p.add_argument("--out_dir", default="/tmp/lejepa-quality")
+    p.add_argument("--table", action="store_true", help="print results.jsonl as tables, run nothing")
+    return p.parse_args(argv)
 
 
-def run(cmd, log, threads=0):
-    """Run a script of the repo, its output written to a log file; stop the bench if it fails."""
+def run(cmd, log, args):
+    """Run a script of the repo, its output in a log file; stop the bench if it fails."""
     print("+ " + " ".join(cmd), flush=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     with open(log, "w") as f:
         r = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     if r.returncode:
         sys.exit(f"error: {cmd[0]} failed, see {log}:\n" + open(log).read()[-3000:])
 
 
-def pretrain_args(cfg: Config, out: str, steps: int, *extra) -> list:
-    """About `steps` steps in as few epochs as hold them (an epoch is at most one pass over the 50k images),
-    one warm-up (10% of the steps) + cosine schedule over all of them."""
-    epochs = math.ceil(steps / (50_000 // cfg.batch_size))
-    return ["minimal_vit_inet.py", "--dataset", cfg.root, "--val_split", "", "--model", cfg.model,
-            "--global_size", str(cfg.global_size), "--local_size", str(cfg.local_size), "--n_local", str(cfg.n_local),
-            "--batch_size", str(cfg.batch_size), "--proj_hidden", str(cfg.proj_hidden), "--lr", str(cfg.lr),
-            "--workers", str(cfg.workers), "--epochs", str(epochs), "--steps_per_epoch", str(math.ceil(steps / epochs)),
-            "--warmup_epochs", str(0.1 * epochs), "--out_dir", out, *extra]
+def schedule(steps: int, batch: int, args) -> tuple:
+    """About `steps` steps in as few epochs as hold them (an epoch: --epoch_images): (epochs, steps each)."""
+    epochs = math.ceil(steps / max(1, args.epoch_images // batch))
+    return epochs, math.ceil(steps / epochs)
 
 
-def probe(cfg: Config, name: str, *backbone) -> dict:
-    out = os.path.join(cfg.out_dir, f"probe-{name}")
-    run(["linear_probe.py", *backbone, "--dataset", cfg.root, "--val_split", "test", "--shots", "all",
-         "--workers", str(cfg.workers), "--out_dir", out], os.path.join(cfg.out_dir, f"probe-{name}.log"), cfg.threads)
-    with open(os.path.join(out, "results.json")) as f:
-        return json.load(f)["results"][cfg.root]["all"]
+def steps_left(t_start: float, img_s: float, batch: int, args) -> int:
+    left_s = args.budget_min * 60 - (time.perf_counter() - t_start) - 20  # 20 s: start-up and the last save
+    return max(10, int(left_s * img_s / batch))
 
 
-def main(cfg: Config):
-    if not os.path.isdir(os.path.join(cfg.root, "test")):
-        if not os.path.exists(cfg.archive):
-            print(f"skipped: {cfg.archive} not found (CIFAR-10 as JPEGs: train/<class>/*.jpg, test/<class>/*.jpg)")
-            return
-        os.makedirs(cfg.root, exist_ok=True)
-        with tarfile.open(cfg.archive) as tar:
-            tar.extractall(cfg.root, filter="data")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+# ---- minimal_vit_inet.py runs ----------------------------------------------------------------------------
+def ours(name: str, out: str, args) -> dict:
+    flags = (RECIPES[name] + " " + args.flags).split()
+    batch = int(flags[len(flags) - 1 - flags[::-1].index("--batch_size") + 1]) if "--batch_size" in flags else 512
+
+    def pretrain(run_dir, steps, *extra):
+        epochs, per_epoch = schedule(steps, batch, args)
+        cmd = ["minimal_vit_inet.py", "--dataset", args.root, "--val_split", "test", "--model", args.model,
+               "--global_size", str(args.size), "--workers", str(args.workers), "--seed", str(args.seed), *flags,
+               "--epochs", str(epochs), "--steps_per_epoch", str(per_epoch), "--out_dir", run_dir, *extra]
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resume
+        run(cmd, run_dir + ".log", args)
+        return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
     t_start = time.perf_counter()
+    calib = pretrain(out + "-calib", 1000, "--stop_after", "10", "--log_every", "5", "--val_split", "")
+    img_s = [r for r in calib if "images_per_s" in r][-1]["images_per_s"]  # last interval: the loader warm
+    steps = steps_left(t_start, img_s, batch, args)
+    print(f"{name}: calibration {img_s:.1f} img/s -> {steps} steps", flush=True)
+    records = pretrain(out, steps, "--log_every", "20")
+    trained = [r for r in records if "loss" in r]
+    return dict(steps=math.prod(schedule(steps, batch, args)), img_s=img_s, pretrain_min=(time.perf_counter() - t_start) / 60,
+                loss=trained[-1]["loss"], online=[r["probe_acc"] for r in records if "probe_acc" in r],
+                backbone=["--checkpoint", os.path.join(out, "ckpt.pt")], flags=" ".join(flags))
 
-    # calibration: img/s of this machine, then as many steps as fit in the rest of the budget
-    calib = os.path.join(cfg.out_dir, "calib")
-    shutil.rmtree(calib, ignore_errors=True)  # a fresh measurement, not a resume
-    run(pretrain_args(cfg, calib, 1000, "--stop_after", str(cfg.calib_steps), "--log_every", str(cfg.calib_steps // 2)),
-        os.path.join(cfg.out_dir, "calib.log"), cfg.threads)
-    records = [json.loads(line) for line in open(os.path.join(calib, "metrics.jsonl"))]
-    img_s = [r for r in records if "images_per_s" in r][-1]["images_per_s"]  # last interval: loader warm, cache built
-    left_s = cfg.budget_min * 60 - (time.perf_counter() - t_start) - 30  # 30 s: start-up and final checkpoint
-    steps = max(10, int(left_s * img_s / cfg.batch_size))
-    print(f"calibration: {img_s:.1f} img/s -> {steps} steps of {cfg.batch_size} images "
-          f"({steps * cfg.batch_size / 50000:.2f} epochs of CIFAR-10) in the remaining {left_s / 60:.1f} min", flush=True)
 
-    run_dir = os.path.join(cfg.out_dir, f"run-{steps}")
-    shutil.rmtree(run_dir, ignore_errors=True)  # every bench trains anew (the pretraining script would resume)
-    t0 = time.perf_counter()
-    run(pretrain_args(cfg, run_dir, steps, "--log_every", "20"), os.path.join(cfg.out_dir, "pretrain.log"), cfg.threads)
-    pretrain_min = (time.perf_counter() - t0) / 60
-    last = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line][-1]
-    print(f"pretrained {steps} steps in {pretrain_min:.1f} min; loss at step {last['step']}: {last['loss']:.4f} "
-          f"(invariance {last['invariance']:.4f}, sigreg {last['sigreg']:.3f})", flush=True)
+# ---- the official minimal example's recipe, re-implemented ------------------------------------------------
+def official(out: str, args) -> dict:
+    import timm
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torchvision import datasets as tvd
+    from torchvision.ops import MLP
+    from torchvision.transforms import v2
 
-    t0 = time.perf_counter()
-    rows = {"LeJEPA": probe(cfg, f"lejepa-{steps}", "--checkpoint", os.path.join(run_dir, "ckpt.pt")),
-            "random init": probe(cfg, "random", "--model", cfg.model, "--global_size", str(cfg.global_size)),
-            "raw pixels": probe(cfg, "pixels", "--model", "pixels", "--global_size", str(cfg.global_size))}
-    print(f"probes: {(time.perf_counter() - t0) / 60:.1f} min (cached features are reused by a later run)\n")
+    sys.path.insert(0, ROOT)
+    from sigreg import SIGReg  # the same statistic as the example's: 17 knots on [0, 3], fresh slices per step
 
-    print(f"| {cfg.model} {cfg.global_size} px, CIFAR-10 test | linear top-1 | k-NN top-1 |\n|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['linear']:.2f} | {r['knn']:.2f} |")
-    gain = rows["LeJEPA"]["linear"] - rows["random init"]["linear"]
-    ok = gain >= 20 and rows["LeJEPA"]["linear"] > rows["raw pixels"]["linear"]
-    print(f"\nLeJEPA - random init: {gain:+.2f} points (target >= +20); above raw pixels: "
-          f"{rows['LeJEPA']['linear'] > rows['raw pixels']['linear']} -> {'PASS' if ok else 'BELOW TARGET'} "
-          f"(pretraining budget {cfg.budget_min} min, {steps} steps)")
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    V, batch, lamb, lr, mean, std = 4, args.official_batch, 0.02, 2e-3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    aug = v2.Compose([v2.RandomResizedCrop(args.size, scale=(0.08, 1.0)),
+                      v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), v2.RandomGrayscale(p=0.2),
+                      v2.RandomApply([v2.GaussianBlur(kernel_size=7, sigma=(0.1, 2.0))], p=0.5),
+                      v2.RandomApply([v2.RandomSolarize(threshold=128)], p=0.2), v2.RandomHorizontalFlip(),
+                      *tensor])
+    test_tf = v2.Compose([v2.Resize(args.size), v2.CenterCrop(args.size), *tensor])
+    train_ds = tvd.ImageFolder(os.path.join(args.root, "train"), lambda img: torch.stack([aug(img) for _ in range(V)]))
+    test_ds = tvd.ImageFolder(os.path.join(args.root, "test"), test_tf)
+    torch.manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(train_ds, batch, shuffle=True, drop_last=True, num_workers=args.workers,
+                                         persistent_workers=args.workers > 0)
+    test = torch.utils.data.DataLoader(test_ds, 256, num_workers=args.workers)
+
+    backbone = timm.create_model(args.model, pretrained=False, num_classes=512, drop_path_rate=0.1)
+    projector = MLP(512, [2048, 2048, 16], norm_layer=nn.BatchNorm1d)
+    probe = nn.Sequential(nn.LayerNorm(512), nn.Linear(512, 10))
+    sigreg = SIGReg(num_slices=256, seed=args.seed)
+    net = nn.ModuleList([backbone, projector])
+    opt = torch.optim.AdamW([dict(params=net.parameters(), lr=lr, weight_decay=5e-2),
+                             dict(params=probe.parameters(), lr=1e-3, weight_decay=1e-7)])
+
+    def step(vs, y):
+        emb = backbone(vs.flatten(0, 1))  # (N * V, 512), image-major
+        proj = projector(emb).unflatten(0, (len(y), V)).transpose(0, 1)  # (V, N, 16)
+        inv = (proj.mean(0) - proj).square().mean()
+        lejepa = (1 - lamb) * inv + lamb * sigreg(proj)
+        probe_loss = F.cross_entropy(probe(emb.detach()), y.repeat_interleave(V))
+        opt.zero_grad()
+        (lejepa + probe_loss).backward()
+        opt.step()
+        return lejepa
+
+    batches = (b for _ in range(12) for b in loader)  # calibration: 12 steps, timed over the last 10, on
+    # weights thrown away after
+    saved = [m.state_dict() for m in (net, probe)], opt.state_dict()
+    for i in range(12):
+        if i == 2:
+            t0 = time.perf_counter()
+        step(*next(batches))
+    img_s = 10 * batch / (time.perf_counter() - t0)
+    for m, s in zip((net, probe), saved[0]):
+        m.load_state_dict(s)
+    opt.load_state_dict(saved[1])
+    steps = steps_left(t_start, img_s, batch, args)
+    print(f"official: calibration {img_s:.1f} img/s -> {steps} steps", flush=True)
+    epochs, per_epoch = schedule(steps, batch, args)
+    total, warmup = epochs * per_epoch, per_epoch  # the example warms up for one epoch
+    if total <= warmup:
+        sys.exit(f"error: {total} steps in the budget, not more than the example's one-epoch warm-up: give "
+                 f"--budget_min more minutes or --epoch_images fewer images")
+    s1 = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=warmup)
+    s2 = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup, eta_min=1e-3)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [s1, s2], milestones=[warmup])
+    online = []
+    for epoch in range(epochs):
+        net.train(), probe.train()
+        for _, (vs, y) in zip(range(per_epoch), loader):
+            loss = step(vs, y)
+            sched.step()
+        net.eval(), probe.eval()
+        with torch.no_grad():
+            correct = sum((probe(backbone(x)).argmax(1) == y).sum().item() for x, y in test)
+        online.append(correct / len(test_ds))
+        print(f"official: epoch {epoch} | loss {loss.item():.4f} | online probe {online[-1]:.4f}", flush=True)
+    state = {"backbone." + k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+    torch.save(dict(model=state, config=dict(model=args.model, global_size=args.size)),
+               os.path.join(out, "ckpt.pt"))  # linear_probe.py reads the pooled embedding, as for ours
+    return dict(steps=total, img_s=img_s, pretrain_min=(time.perf_counter() - t_start) / 60,
+                loss=loss.item(), online=online, backbone=["--checkpoint", os.path.join(out, "ckpt.pt")])
+
+
+# ---- probes, results ---------------------------------------------------------------------------------------
+def probe(name: str, backbone: list, args) -> dict:
+    out = os.path.join(args.out_dir, f"probe-{name}")
+    run(["linear_probe.py", *backbone, "--dataset", args.root, "--val_split", "test", "--shots", *args.shots,
+         "--workers", str(args.workers), "--global_size", str(args.size), "--out_dir", out], out + ".log", args)
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)["results"][args.root]
+    return {f"{shot}-shot" if shot != "all" else "linear": res[shot]["linear"] for shot in res} | dict(
+        knn=res["all"]["knn"])  # percentages
+
+
+def table(path: str):
+    rows = [json.loads(line) for line in open(path)]
+    print("| run | seed | budget min | steps | img/s | linear | k-NN | 10-shot | online probe per epoch |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        online = ", ".join(f"{100 * a:.1f}" for a in r.get("online", []))
+        print(f"| {r['name']}{' ' + r['tag'] if r.get('tag') else ''} | {r['seed']} | {r['budget_min']:g} | "
+              f"{r.get('steps', '-')} | {r.get('img_s', 0):.0f} | {r['linear']:.2f} | {r['knn']:.2f} | "
+              f"{r.get('10-shot', float('nan')):.2f} | {online} |")
+
+
+def main(args):
+    results = os.path.join(args.out_dir, "results.jsonl")
+    if args.table:
+        return table(results)
+    if not os.path.isdir(os.path.join(args.root, "test")):
+        if not os.path.exists(args.archive):
+            print(f"skipped: {args.archive} not found (CIFAR-10 as JPEGs: train/<class>/*.jpg, test/...)")
+            return
+        os.makedirs(args.root, exist_ok=True)
+        with tarfile.open(args.archive) as tar:
+            tar.extractall(args.root, filter="data")
+    os.makedirs(args.out_dir, exist_ok=True)
+    for name in args.runs:
+        tag = f"{name}{'-' + args.tag if args.tag else ''}-s{args.seed}-{args.budget_min:g}min"
+        out = os.path.join(args.out_dir, tag)
+        if name == "pixels":
+            r = dict(backbone=["--model", "pixels"])
+        elif name == "random":
+            r = dict(backbone=["--model", args.model, "--seed", str(args.seed)])
+        elif name == "official":
+            os.makedirs(out, exist_ok=True)
+            r = official(out, args)
+        elif name in RECIPES:
+            r = ours(name, out, args)
+        else:
+            sys.exit(f"error: unknown run {name!r}: official, pixels, random or one of {sorted(RECIPES)}")
+        r |= probe(tag, r.pop("backbone"), args)
+        r |= dict(name=name, tag=args.tag, seed=args.seed, budget_min=args.budget_min, model=args.model)
+        print(json.dumps(r), flush=True)
+        with open(results, "a") as f:
+            f.write(json.dumps(r) + "\n")
+    table(results)
 
 
 if __name__ == "__main__":
-    main(parse_config())
+    main(parse_args())

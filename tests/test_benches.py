@@ -1,5 +1,6 @@
 """The benchmarks still run against the scripts as they are now (at their smallest sizes: no timing is checked
 here). bench/train_step_bench.py broke unnoticed once, when the online probe moved to the global views only."""
+import json
 import os
 import subprocess
 import sys
@@ -37,3 +38,24 @@ def test_multicrop_bench(tmp_path):
         Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
     out = bench("multicrop_bench.py", "--photos", tmp_path, "--rounds", 1)
     assert "4 photos" in out and "speed-up per core:" in out and "colour stage" in out
+
+
+def test_quality_bench_side_by_side(tmp_path):
+    """The side-by-side bench end to end on a tiny CIFAR-like folder (10 classes of 32 px JPEGs): the official
+    example's recipe and minimal_vit_inet.py's small-image recipe, each probed by linear_probe.py, one line
+    each in results.jsonl and in the table."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 3)):
+        for c in range(10):
+            os.makedirs(tmp_path / "data" / split / f"c{c}")
+            for i in range(n):
+                pixels = rng.integers(0, 256, (32, 32, 3)) // 2 + 12 * c  # a class-dependent tint
+                Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "data" / split / f"c{c}" / f"{i}.jpg")
+    out = bench("quality_cifar10.py", "--budget_min", 0.05, "--runs", "official", "small", "--root",
+                tmp_path / "data", "--out_dir", tmp_path / "out", "--epoch_images", 80, "--official_batch", 16,
+                "--flags=--batch_size 16 --proj_hidden 64 --num_slices 32", "--shots", "all", "--threads", 1)
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "results.jsonl")]
+    assert [r["name"] for r in rows] == ["official", "small"]
+    assert all(0 <= r[k] <= 100 for r in rows for k in ("linear", "knn"))
+    assert len(rows[0]["online"]) == len(rows[1]["online"]) >= 1  # both evaluate after each epoch
+    assert "| official |" in out and "| small |" in out
