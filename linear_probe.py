@@ -102,7 +102,7 @@ def build_model(cfg: Config, device):
             sys.exit(f"error: checkpoint {cfg.checkpoint} not found")
         ckpt = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)  # tensors and plain values
         name, train_size = name or ckpt["config"]["model"], ckpt["config"]["global_size"]
-        model = mvi.build_backbone(name, train_size)  # as in training; other sizes through dynamic_img_size
+        model = mvi.build_backbone(name, train_size, **ckpt["config"].get("model_kwargs") or {})  # as trained
         state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
         try:
             model.load_state_dict(state)

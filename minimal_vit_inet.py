@@ -72,6 +72,7 @@ class Config:  # every field is a flag: --field value (bools: true / false)
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # ColorJitter: brightness, contrast, ...
     # model
     model: str = "vit_large_patch14_224"  # any timm name (ViT, ConvNeXt, ResNet, ...), trained from scratch
+    model_kwargs: dict = None  # more timm.create_model arguments, JSON: {"output_stride": 16} (small images)
     drop_path: float = 0.0  # stochastic depth; > 0 makes resume not bit-exact (its RNG is not saved)
     proj_hidden: int = 2048  # projector MLP width (BatchNorm + ReLU after each hidden layer)
     proj_dim: int = 128  # projector output: where invariance and SIGReg are measured
@@ -209,9 +210,9 @@ def gaussian_blur(x, sigma, size=23):
 # ---------------------------------------------------------------------------------------------------------
 # 2. Model: timm backbone -> embedding (the probe reads it) -> projector (the loss reads it)
 
-def build_backbone(name: str, img_size: int = 224, drop_path: float = 0.0) -> nn.Module:
+def build_backbone(name: str, img_size: int = 224, drop_path: float = 0.0, **timm_args) -> nn.Module:
     """A timm model from scratch, no classifier: model(x) is the (B, D) embedding; ViTs take any view size."""
-    kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path)
+    kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path, **timm_args)
     try:
         return timm.create_model(name, img_size=img_size, dynamic_img_size=True, **kwargs)
     except TypeError:  # a convnet: no img_size argument, and any size works anyway
@@ -264,7 +265,7 @@ def lr_at(step: int, total: int, warmup: int, lr: float, final_div: float = 1000
 def build_training(cfg: Config, num_classes: int, device: torch.device):
     """-> (model, SIGReg, AdamW); each parameter group holds its peak_lr for the schedule."""
     torch.manual_seed(cfg.seed)  # initial weights given by --seed (DDP then copies rank 0's to the others)
-    backbone = build_backbone(cfg.model, cfg.global_size, cfg.drop_path)
+    backbone = build_backbone(cfg.model, cfg.global_size, cfg.drop_path, **(cfg.model_kwargs or {}))
     model = LeJEPA(backbone, cfg.proj_hidden, cfg.proj_dim, num_classes)
     # channels_last: convolutions 1.3x faster on the CPU (resnet18), and PyTorch's advice on GPUs
     model = model.to(device, memory_format=torch.channels_last)
@@ -402,7 +403,7 @@ def parse_config(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):  # a mistyped bool is refused; in strings, ~ is home, as in a shell
         n = len(f.default) if isinstance(f.default, tuple) else None  # crop scales: 2 numbers, jitter: 4
-        parse = {bool: flag, str: os.path.expanduser}.get(f.type, float if n else f.type)
+        parse = {bool: flag, str: os.path.expanduser, dict: json.loads}.get(f.type, float if n else f.type)
         p.add_argument(f"--{f.name}", type=parse, nargs=n, default=f.default)
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
     positive = ["batch_size", "global_size", "local_size", "n_global", "num_slices", "proj_hidden",
@@ -425,7 +426,7 @@ def parse_config(argv=None) -> Config:
     for ok, msg in checks:
         if not ok:
             sys.exit(f"error: {msg}")
-    patch = patch_size(cfg.model)
+    patch = patch_size(cfg.model, cfg.model_kwargs or {})
     if cfg.global_size % patch or cfg.local_size % patch:
         glob, loc = [round(s / patch) * patch for s in (cfg.global_size, cfg.local_size)]  # nearest multiples
         sys.exit(f"error: {cfg.model} cuts images into {patch} px patches: --global_size {cfg.global_size} "
@@ -439,11 +440,13 @@ def flag(text: str) -> bool:  # --field true / false; a typo is refused (ValueEr
     return ("false", "true", "0", "1", "no", "yes").index(text.lower()) % 2 == 1
 
 
-def patch_size(model: str) -> int:
+def patch_size(model: str, timm_args: dict = {}) -> int:
     """A ViT's patch size in px (1: a convnet, or unknown), built on the meta device: no memory, 0.1 s."""
     try:
         with torch.device("meta"):
-            size = getattr(getattr(build_backbone(model), "patch_embed", None), "patch_size", 1)
+            size = getattr(getattr(build_backbone(model, **timm_args), "patch_embed", None), "patch_size", 1)
+    except TypeError as err:  # an argument the model does not take, or --model_kwargs not a JSON object
+        sys.exit(f"error: {model} with --model_kwargs {json.dumps(timm_args)}: {err}")
     except Exception:  # not buildable on the meta device: the run itself will say what timm thinks
         return 1
     return size[0] if isinstance(size, (tuple, list)) else int(size)
@@ -838,7 +841,7 @@ def export_for_hub(backbone: nn.Module, cfg: Config, step: int, folder: str, pro
     backbone.pretrained_cfg = dict(backbone.pretrained_cfg, tag="lejepa", num_classes=0, crop_pct=0.875,
                                    input_size=(3, cfg.global_size, cfg.global_size), interpolation="bicubic",
                                    crop_mode="center", mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    args = dict(num_classes=0)
+    args = dict(num_classes=0, **(cfg.model_kwargs or {}))  # timm rebuilds the model from these
     if getattr(backbone, "dynamic_img_size", False):  # ViTs: one model for every view size
         args.update(img_size=cfg.global_size, dynamic_img_size=True)
     backbone.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
