@@ -436,8 +436,10 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
-def flag(text: str) -> bool:  # --field true / false; a typo is refused (ValueError), not read as false
-    return ("false", "true", "0", "1", "no", "yes").index(text.lower()) % 2 == 1
+def flag(text: str) -> bool:  # --field true / false; a typo is refused, not read as false
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1", "yes")
 
 
 def patch_size(model: str, timm_args: dict = {}) -> int:
