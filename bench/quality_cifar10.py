@@ -101,7 +101,9 @@ def steps_left(t_start: float, img_s: float, batch: int, args) -> int:
 # ---- minimal_vit_inet.py runs ----------------------------------------------------------------------------
 def ours(name: str, out: str, args) -> dict:
     flags = (RECIPES[name] + " " + args.flags).split()
-    batch = int(flags[len(flags) - 1 - flags[::-1].index("--batch_size") + 1]) if "--batch_size" in flags else 512
+    sys.path.insert(0, ROOT)
+    import minimal_vit_inet as mvi  # its own parser reads the batch size the flags give (the last one wins)
+    batch = mvi.parse_config(["--model", args.model, "--global_size", str(args.size), *flags]).batch_size
 
     def pretrain(run_dir, steps, *extra):
         epochs, per_epoch = schedule(steps, batch, args)
