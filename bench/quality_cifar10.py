@@ -235,6 +235,14 @@ def table(path: str):
         print(f"| {r['name']}{' ' + r['tag'] if r.get('tag') else ''} | {r['seed']} | {r['budget_min']:g} | "
               f"{r.get('steps', '-')} | {r.get('img_s', 0):.0f} | {r['linear']:.2f} | {r['knn']:.2f} | "
               f"{r.get('10-shot', float('nan')):.2f} | {online} |")
+    runs = {}  # the same run at the same budget over its seeds: the targets are means of 2 seeds
+    for r in rows:
+        runs.setdefault((r["name"], r.get("tag", ""), r["budget_min"]), []).append(r)
+    print("\n| run | budget min | seeds | linear | k-NN | 10-shot |\n| --- | --- | --- | --- | --- | --- |")
+    for (name, tag, budget), rs in runs.items():
+        mean = {k: sum(r.get(k, float("nan")) for r in rs) / len(rs) for k in ("linear", "knn", "10-shot")}
+        print(f"| {name}{' ' + tag if tag else ''} | {budget:g} | {', '.join(str(r['seed']) for r in rs)} | "
+              f"{mean['linear']:.2f} | {mean['knn']:.2f} | {mean['10-shot']:.2f} |")
 
 
 def main(args):
