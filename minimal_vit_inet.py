@@ -312,17 +312,16 @@ def train_step(model, optimizer, sigreg, batch, cfg, autocast, device) -> torch.
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6. main: set up, then the loop. Iteration `step` first does what is due after `step` steps (the epoch's
-# probe, a checkpoint, or the end), then trains step `step`; so the last pass, step == total, only the former.
+# 6. main: set up, then the loop: train a step, then what is due after it (log, probe, checkpoint, export)
 
 def main(cfg: Config):
     ddp, rank, world, device = setup_distributed()
     signal.signal(signal.SIGTERM, lambda *_: STOP.set())  # preemption: checkpoint at the next log step, exit
-    saved_step = claim_out_dir(cfg, rank, world)  # the step of the checkpoint in out_dir, 0 = none
+    resume = claim_out_dir(cfg, rank, world)  # the step of the checkpoint in out_dir, 0 = none
     data = load_data(cfg, rank, world)
     model, sigreg, optimizer = build_training(cfg, data.num_classes, device)
     seed_rank(cfg.seed, rank)  # from here each rank draws its own (stochastic depth)
-    start = load_checkpoint(cfg, model, optimizer, sigreg) if saved_step else 0
+    start = load_checkpoint(cfg, model, optimizer, sigreg) if resume else 0
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     total, warmup = cfg.epochs * data.steps_per_epoch, round(cfg.warmup_epochs * data.steps_per_epoch)
@@ -330,33 +329,31 @@ def main(cfg: Config):
     log = Logger(cfg, start) if rank == 0 else None
     bar = tqdm(total=total, initial=start, disable=rank != 0 or not sys.stdout.isatty(), file=sys.stdout)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss: kept on the device
-    batches, acc, stop, sigterm = None, None, False, False
-    for step in range(start, total + 1):
+    step, stop, acc = start, "", None  # steps done; why the run stops early; the online probe's last top-1
+    while step < total and not stop:
         epoch, offset = divmod(step, data.steps_per_epoch)
-        if step > start and offset == 0 and data.val_loader is not None:  # an epoch ended: the online probe
-            acc = evaluate_probe(model, data.val_loader, device, autocast, step, epoch - 1, log)
-        if step > start and (offset == 0 or step % cfg.save_every == 0 or stop):
-            saved_step = save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite, saved_step, ddp)
-        if step == total or stop:
-            break
-        if batches is None or offset == 0:  # a new epoch, or a resume mid-epoch
+        if step == start or offset == 0:  # a resume mid-epoch, or a new epoch
             batches = train_batches(cfg, data.views, epoch, offset, rank, world, data.steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, warmup, group["peak_lr"], cfg.final_lr_div)
         terms = train_step(train_model, optimizer, sigreg, next(batches), cfg, autocast, device)
         nonfinite |= ~torch.isfinite(terms).all()  # read back at the log interval: no host sync here
         bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == cfg.stop_after:
-            sigterm = log_step(cfg, step + 1, epoch, terms, optimizer, nonfinite, saved_step, ddp, bar, log)
-            stop = sigterm or step + 1 == cfg.stop_after
+        step += 1
+        if step % cfg.log_every == 0 or step == start + 1 or step == cfg.stop_after:
+            stop = log_step(cfg, step, epoch, terms, optimizer, nonfinite, bar, log)  # "" = go on
+        if step % data.steps_per_epoch == 0 and data.val_loader is not None:  # an epoch ended: the probe
+            acc = evaluate_probe(model, data.val_loader, device, autocast, step, epoch, log)
+        if step % data.steps_per_epoch == 0 or step % cfg.save_every == 0 or stop:
+            save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite)
+        if step == total and log:  # the end of the run: the backbone in timm's Hugging Face format
+            export_for_hub(model.backbone, cfg, total, os.path.join(cfg.out_dir, "export"), acc)
     bar.close()
-    if stop and step < total:
-        print0(f"stopped after step {step}{' (SIGTERM)' if sigterm else ''}; resume with the same command")
-    if log and start < step == total:  # the end of the run: the backbone in timm's Hugging Face format
-        export_for_hub(model.backbone, cfg, total, os.path.join(cfg.out_dir, "export"), acc)
+    if step < total:
+        print0(f"stopped after step {step} ({stop}); resume with the same command")
     if log:
         log.close()
-    close_distributed(ddp)
+    close_distributed()
 
 
 def evaluate_probe(model, loader, device, autocast, step=0, epoch=0, log=None) -> float:
@@ -378,9 +375,10 @@ def evaluate_probe(model, loader, device, autocast, step=0, epoch=0, log=None) -
     return acc
 
 
-def log_step(cfg, step, epoch, terms, optimizer, nonfinite, saved_step, ddp, bar, log) -> bool:
-    """The log interval, on every rank: the one host sync of training. True if a SIGTERM reached any rank."""
-    sigterm = check_health(cfg, nonfinite, step, saved_step, ddp)
+def log_step(cfg, step, epoch, terms, optimizer, nonfinite, bar, log) -> str:
+    """The log interval, on every rank: the one host sync of training. -> why the run stops after this step:
+    "SIGTERM" (on any rank), "--stop_after", or "" to go on."""
+    sigterm = check_health(cfg, nonfinite, step)
     if log:
         loss, inv, sig, probe_loss = terms.tolist()
         lr, (then, then_step) = optimizer.param_groups[0]["lr"], log.clock  # since the last log line
@@ -392,7 +390,7 @@ def log_step(cfg, step, epoch, terms, optimizer, nonfinite, saved_step, ddp, bar
             print0(f"step {step}/{bar.total} | {bar.postfix}")
         log(dict(step=step, epoch=epoch, loss=loss, invariance=inv, sigreg=sig, probe_loss=probe_loss, lr=lr,
                  images_per_s=images_per_s))
-    return sigterm
+    return "SIGTERM" if sigterm else "--stop_after" if step == cfg.stop_after else ""
 
 
 # =========================================================================================================
@@ -476,8 +474,8 @@ def setup_distributed():
     return ddp, rank, world, torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
 
 
-def close_distributed(ddp: bool):
-    if ddp:
+def close_distributed():
+    if dist.is_initialized():
         time.sleep(0.1)  # lets gloo's threads release their finished work (else a hang, or an abort, at exit)
         dist.destroy_process_group()
 
@@ -571,20 +569,19 @@ def _worker_init(worker_id):
         os.close(LOCK["fd"])
 
 
-def check_health(cfg, nonfinite, step, saved_step, ddp, model=None) -> bool:
+def check_health(cfg, nonfinite, step, model=None) -> bool:
     """The one host sync of training (log steps, saves), all-reduced: every rank ends alike, in one line, if
     any saw a non-finite loss or (given the model) weight, as a NaN gradient makes. True: a SIGTERM came."""
     flags = [nonfinite, torch.full_like(nonfinite, STOP.is_set())]  # full, not tensor(): no host copy
     if model is not None:
         flags.append(~torch.stack([p.isfinite().all() for p in model.parameters()]).all())
     flags = torch.stack(flags).float()
-    if ddp:
+    if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad_loss, stop, *bad_weights = flags.tolist()
     if bad_loss or any(bad_weights):
-        last = f"the last good checkpoint is {cfg.out_dir}/ckpt.pt (step {saved_step})" if saved_step else \
-            "none saved"
-        sys.exit(f"error: non-finite {'loss' if bad_loss else 'weights'} by step {step}; stopped, {last}")
+        sys.exit(f"error: non-finite {'loss' if bad_loss else 'weights'} by step {step}; stopped, "
+                 f"{last_checkpoint(cfg)}")
     return bool(stop)
 
 
@@ -746,9 +743,9 @@ def compiled(fn):  # --compile: fn compiled at its first use, one graph per inpu
 
 # --- Checkpoints: a plain dict, written atomically by rank 0; resume reads it back.
 
-def save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite, saved_step, ddp) -> int:
+def save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite):
     """out_dir/ckpt.pt by rank 0, once all is finite; a failed write (full disk) ends every rank alike."""
-    check_health(cfg, nonfinite, step, saved_step, ddp, model)
+    check_health(cfg, nonfinite, step, model)
     error = [None]
     if int(os.environ.get("RANK", 0)) == 0:
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), sigreg=sigreg.state_dict(),
@@ -756,12 +753,11 @@ def save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite, saved_step, 
         try:
             write_atomic(state, os.path.join(cfg.out_dir, "ckpt.pt"))
         except SystemExit as err:
-            error = [err.code + (f"; the last whole checkpoint is step {saved_step}'s" if saved_step else "")]
-    if ddp:
+            error = [f"{err.code}; {last_checkpoint(cfg)}"]
+    if dist.is_initialized():
         dist.broadcast_object_list(error, src=0)  # the other ranks wait here for the outcome
     if error[0]:
         sys.exit(error[0])
-    return step
 
 
 def write_atomic(obj, path: str):
@@ -779,6 +775,14 @@ def write_atomic(obj, path: str):
         if os.path.isfile(path + ".tmp"):
             os.remove(path + ".tmp")  # a partial file, on a disk that has no room for it
         sys.exit(f"error: cannot write {path}: {cause.strerror or cause}")
+
+
+def last_checkpoint(cfg) -> str:  # for an error line: what a rerun resumes from (a save is atomic)
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        return "none saved"
+    step = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["step"]  # mmap: reads little
+    return f"the last good checkpoint is {path} (step {step})"
 
 
 def load_checkpoint(cfg, model: LeJEPA, optimizer, sigreg) -> int:

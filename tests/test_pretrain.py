@@ -164,7 +164,7 @@ def test_a_training_step_never_waits_on_the_host(tmp_path, data, monkeypatch, bf
     assert terms.dtype == torch.float32 and torch.isfinite(terms).all()
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast never changes the weights
     with host_syncs.count(device) as syncs:  # the counter does see the logging step's read-back
-        assert mvi.check_health(cfg, bad, 3, 0, False) is False and len(terms.tolist()) == 4
+        assert mvi.check_health(cfg, bad, 3) is False and len(terms.tolist()) == 4
     assert len(syncs) == 2, syncs
 
 
