@@ -6,9 +6,8 @@ LeJEPA (Balestriero & LeCun, arXiv 2511.08544): no teacher, no stop-gradient, no
 
     loss = (1 - lambda) * invariance + lambda * SIGReg,      lambda = 0.05
 
-Reading order: Config | 1. views | 2. model | 3. loss | 4. optimiser and schedule | 5. training step |
-6. main; then, after one banner, the plumbing: command line, processes and faults, data, checkpoints, logs.
-Measured (README): the official recipe's step on an H100; CIFAR-10 pretraining on an H100 and a 2-core CPU.
+Reading order: Config | 1. views | 2. model | 3. loss | 4. optimiser, schedule | 5. training step | 6. main;
+then the plumbing. Measured (README): the official recipe's step on an H100; CIFAR-10 on an H100 and a CPU.
 
     python minimal_vit_inet.py --model vit_small_patch16_224 --local_size 96  # one GPU, or the CPU
     torchrun --nproc_per_node=8 minimal_vit_inet.py  # one node: the official recipe (batch 512 = 8 x 64)
@@ -24,7 +23,6 @@ import datetime
 import fcntl
 import functools
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -42,7 +40,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms as T
 from torchvision.ops import MLP
@@ -104,14 +101,13 @@ class Config:  # every field is a flag: --field value (bools: true / false)
 # grayscale 0.2, Gaussian blur 0.5, solarize 0.2. Workers crop and draw; the colours are done on the device.
 
 class MultiCrop:
-    """mc(img, g) -> [(pixels uint8 (3, S, S), colour draws (11,))] for n_global, then n_local views.
+    """mc(img, g) -> [(pixels uint8 (3, S, S), colour draws (11,))] for cfg's n_global, then n_local views.
     Every draw comes from the generator g, so a view depends only on the image and g's seed."""
 
-    def __init__(self, global_size=224, local_size=98, n_global=2, n_local=6, global_scale=(0.3, 1.0),
-                 local_scale=(0.05, 0.3), jitter=(0.4, 0.4, 0.2, 0.1)):
-        self.global_scale, self.local_scale, self.jitter = tuple(global_scale), tuple(local_scale), jitter
-        self.kinds = [(global_size, self.global_scale)] * n_global
-        self.kinds += [(local_size, self.local_scale)] * n_local
+    def __init__(self, cfg: Config):
+        self.jitter = cfg.jitter
+        self.kinds = [(cfg.global_size, cfg.global_scale)] * cfg.n_global  # (size, crop scale) of each view
+        self.kinds += [(cfg.local_size, cfg.local_scale)] * cfg.n_local
 
     def __call__(self, img: Image.Image, generator: torch.Generator) -> list:
         img = img if img.mode == "RGB" else img.convert("RGB")
@@ -138,8 +134,7 @@ class MultiCrop:
     @staticmethod
     def view(img, p) -> torch.Tensor:
         img = img.resize((p["size"], p["size"]), Image.BILINEAR, box=p["box"])  # crop + resize in one pass
-        if p["flip"]:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p["flip"] else img
         return TF.pil_to_tensor(img)  # uint8: a quarter of float32's bytes through the queues and PCIe
 
 
@@ -322,7 +317,7 @@ def main(cfg: Config):
     model, sigreg, optimizer = build_training(cfg, data.num_classes, device)
     seed_rank(cfg.seed, rank)  # from here each rank draws its own (stochastic depth)
     start = load_checkpoint(cfg, model, optimizer, sigreg) if resume else 0
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    train_model = nn.parallel.DistributedDataParallel(model) if ddp else model  # on the current device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     total, warmup = cfg.epochs * data.steps_per_epoch, round(cfg.warmup_epochs * data.steps_per_epoch)
     print_setup(cfg, data, model, optimizer, world, device, total, warmup, start)
@@ -456,7 +451,6 @@ def patch_size(model: str, timm_args: dict = {}) -> int:
 # ends at once on any error, keeps one writer per out_dir, and checkpoints on SIGTERM.
 
 STOP = threading.Event()  # set by SIGTERM (preemption): the loop checkpoints and exits
-LOCK = {"fd": None}  # out_dir's open lock file; the OS releases the lock when the process dies
 # settings a resumed run may change; any other difference means out_dir holds another run's checkpoint
 RESUMABLE = {"workers", "log_every", "save_every", "stop_after", "compile", "out_dir", "bf16", "wandb"}
 
@@ -546,27 +540,25 @@ def claim_out_dir(cfg: Config, rank: int, world: int) -> int:
 
 
 def lock_out_dir(out_dir: str) -> int:
-    """A non-blocking flock on out_dir/lock, which then holds our pid. -> 0, or the holder's pid."""
+    """A non-blocking POSIX lock on out_dir/lock, which then holds our pid. -> 0, or the holder's pid. The OS
+    drops it when this process dies, and forked DataLoader workers do not inherit it."""
     os.makedirs(out_dir, exist_ok=True)
-    fd = os.open(os.path.join(out_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(os.path.join(out_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)  # never closed: that unlocks
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
         return int(os.read(fd, 32) or -1)
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
-    LOCK["fd"] = fd
     return 0
 
 
 def _worker_init(worker_id):
-    """A worker serves batches for 60 s after a SIGTERM (its rank reaches its checkpoint), dies with its rank
-    (one blocked on a pipe to a killed rank stayed for hours), and closes the inherited out_dir lock."""
+    """A worker serves batches for 60 s after a SIGTERM (its rank reaches its checkpoint) and dies with its
+    rank (one blocked on a pipe to a killed rank stayed for hours)."""
     signal.signal(signal.SIGTERM, lambda *_: signal.alarm(60))  # SIGALRM's default action ends the worker
     if hasattr(ctypes.CDLL(None), "prctl"):  # Linux; elsewhere DataLoader's own watchdog (a 5 s poll)
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG, a signal when the parent dies
-    if LOCK["fd"] is not None:
-        os.close(LOCK["fd"])
 
 
 def check_health(cfg, nonfinite, step, model=None) -> bool:
@@ -602,11 +594,9 @@ def load_data(cfg: Config, rank: int, world: int):
     if not 0 < steps <= most:
         sys.exit(f"error: --steps_per_epoch {steps} x --batch_size {cfg.batch_size} needs more than the "
                  f"{len(train)} images of {cfg.dataset}: at most {most}")
-    multicrop = MultiCrop(cfg.global_size, cfg.local_size, cfg.n_global, cfg.n_local, cfg.global_scale,
-                          cfg.local_scale, cfg.jitter)
     has_val = val is not None and label_col in val.features
     return argparse.Namespace(
-        views=ViewsDataset(train, image_col, label_col, multicrop, cfg.seed), steps_per_epoch=steps,
+        views=ViewsDataset(train, image_col, label_col, MultiCrop(cfg), cfg.seed), steps_per_epoch=steps,
         num_classes=count_classes(train, label_col) if label_col else 0,
         val_loader=eval_loader(cfg, val, image_col, label_col, rank, world) if has_val else None)
 
@@ -686,14 +676,13 @@ class ViewsDataset(torch.utils.data.Dataset):
 
 
 def collate_views(items):
-    """In the worker: [(views, label)] * N -> ([(pixels (V_s * N, 3, S, S), colour (V_s * N, 11))] per view
-    size, labels (N,)); view-major (the v-th view of every image, then the next), globals first."""
+    """In the worker: [(views, label)] * N -> the batch train_step reads (its docstring shows the layout)."""
     views, labels = zip(*items)
-    groups = []
-    for _, same_size in itertools.groupby(zip(*views), key=lambda view: view[0][0].shape):
-        group = [pixels_colour for view in same_size for pixels_colour in view]
-        groups.append((torch.stack([p for p, _ in group]), torch.stack([c for _, c in group])))
-    return groups, torch.tensor(labels)
+    groups = {}  # view size -> [(pixels, colour)], view-major: the v-th view of every image, then the next
+    for same_view in zip(*views):
+        groups.setdefault(same_view[0][0].shape, []).extend(same_view)
+    stacked = [(torch.stack([p for p, _ in g]), torch.stack([c for _, c in g])) for g in groups.values()]
+    return stacked, torch.tensor(labels)
 
 
 def train_batches(cfg, views, epoch, skip, rank, world, steps_per_epoch):

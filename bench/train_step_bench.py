@@ -59,7 +59,7 @@ def paired(backbone_step, lejepa_step, iters):
 def make_batch(cfg: mvi.Config, num_classes: int, pin: bool):
     """collate_views' output for cfg.batch_size random 300 x 200 images: ([(uint8 pixels, colour)] per view
     size, labels); pinned for non-blocking copies to a GPU, as pin_memory=True does."""
-    mc = mvi.MultiCrop(cfg.global_size, cfg.local_size, cfg.n_global, cfg.n_local)
+    mc = mvi.MultiCrop(cfg)
     rng = np.random.default_rng(0)
     items = [(mc(Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)),
                  torch.Generator().manual_seed(n)), n % max(1, num_classes)) for n in range(cfg.batch_size)]
