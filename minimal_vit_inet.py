@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -115,8 +116,7 @@ class MultiCrop:
         return [(self.view(img, p), p["colour"]) for p in draws]
 
     def params(self, width, height, size, scale, g) -> dict:
-        """One view's draws, with torchvision's samplers. colour = [order of the 4 jitter ops (-1 x 4: no
-        jitter), brightness, contrast, saturation, hue, grayscale 0|1, blur sigma (0: none), solarize 0|1]."""
+        """One view's draws, with torchvision's samplers (colour: the 11 values colour_augment unpacks)."""
         with torch.random.fork_rng(devices=[]):  # get_params draw from the global RNG: lend it g's state
             torch.set_rng_state(g.get_state())
             shape = torch.empty(1, 1, 1).expand(3, height, width)  # get_params reads only the image's shape
@@ -143,8 +143,7 @@ def colour_augment(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
     ColorJitter, grayscale, GaussianBlur and solarize, each image with its own draws. Every op runs on every
     image and torch.where keeps its result where the image drew it: static shapes, no host sync."""
     x = x / 255  # uint8 -> float32 in [0, 1]
-    draws = colour.view(-1, 11, 1, 1).split(1, dim=1)  # MultiCrop.params' 11, each (N, 1, 1, 1): per image
-    *order, brightness, contrast, saturation, hue, gray, sigma, solarize = draws
+    *order, brightness, contrast, saturation, hue, gray, sigma, solarize = colour.T.reshape(11, -1, 1, 1, 1)
     jitter = [(adjust_brightness, brightness), (adjust_contrast, contrast), (adjust_saturation, saturation),
               (adjust_hue, hue)]
     for slot_op in order:  # ColorJitter's random order: each slot's op, 0 to 3 as in `jitter` (-1: no jitter)
@@ -464,7 +463,7 @@ def setup_distributed():
         # ranks may wait an hour (NCCL's default: 10 min) for a slow one: a checkpoint, a node preparing data
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=datetime.timedelta(minutes=60))
-        exit_with_launcher()
+        threading.Thread(target=exit_with_launcher, args=(os.getppid(),), daemon=True).start()
     return ddp, rank, world, torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
 
 
@@ -494,14 +493,13 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def exit_with_launcher():
-    """End this rank once torchrun is gone (OOM killer, kill -9): ranks run in sessions of their own."""
-    def watch(launcher=os.getppid()):
-        while os.getppid() == launcher:  # the rank is re-parented when the launcher dies
-            time.sleep(1)
-        sys.stderr.write(f"error: rank {os.environ['RANK']}: torchrun (pid {launcher}) is gone; exiting\n")
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True).start()
+def exit_with_launcher(launcher: int):
+    """A rank's thread: end the rank once torchrun is gone (OOM killer, kill -9); ranks run in sessions of
+    their own, so nothing else would end them."""
+    while os.getppid() == launcher:  # the rank is re-parented when the launcher dies
+        time.sleep(1)
+    sys.stderr.write(f"error: rank {os.environ['RANK']}: torchrun (pid {launcher}) is gone; exiting\n")
+    os._exit(1)
 
 
 def claim_out_dir(cfg: Config, rank: int, world: int) -> int:
@@ -612,9 +610,8 @@ def load_split(dataset: str, split: str, missing_ok: bool = False):
             if split not in ("train", str(ds.split)):
                 raise KeyError(split)
             return ds
-        if os.path.isdir(dataset):  # datasets infers the format: images by class, parquet, arrow, csv, ...
-            return datasets.load_dataset(dataset, split=split)
-        return datasets.load_dataset(dataset, split=split, num_proc=os.cpu_count())
+        num_proc = None if os.path.isdir(dataset) else os.cpu_count()  # the hub's: a process per core
+        return datasets.load_dataset(dataset, split=split, num_proc=num_proc)  # a folder: format inferred
     except (ValueError, KeyError, ConnectionError, FileNotFoundError) as err:  # incl. DatasetNotFoundError
         if missing_ok and (isinstance(err, KeyError) or "split" in str(err)):  # (KeyError: a saved folder's)
             return None
@@ -761,17 +758,14 @@ def write_atomic(obj, path: str):
         cause = err if isinstance(err, OSError) else err.__context__
         if not isinstance(cause, OSError):
             raise
-        if os.path.isfile(path + ".tmp"):
-            os.remove(path + ".tmp")  # a partial file, on a disk that has no room for it
+        Path(path + ".tmp").unlink(missing_ok=True)  # a partial file, on a disk that has no room for it
         sys.exit(f"error: cannot write {path}: {cause.strerror or cause}")
 
 
 def last_checkpoint(cfg) -> str:  # for an error line: what a rerun resumes from (a save is atomic)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        return "none saved"
-    step = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["step"]  # mmap: reads little
-    return f"the last good checkpoint is {path} (step {step})"
+    saved = os.path.exists(path) and torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return f"the last good checkpoint is {path} (step {saved['step']})" if saved else "none saved"
 
 
 def load_checkpoint(cfg, model: LeJEPA, optimizer, sigreg) -> int:
@@ -802,8 +796,8 @@ class Logger:
     def __init__(self, cfg: Config, start_step: int):
         path = os.path.join(cfg.out_dir, "metrics.jsonl")
         lines = open(path).readlines() if os.path.exists(path) else []
-        with open(path + ".tmp", "w") as f:
-            f.writelines(x for x in lines if x.endswith("\n") and json.loads(x)["step"] <= start_step)
+        kept = [x for x in lines if x.endswith("\n") and json.loads(x)["step"] <= start_step]
+        Path(path + ".tmp").write_text("".join(kept))
         os.replace(path + ".tmp", path)
         self.file, self.wandb, self.clock = open(path, "a"), None, (time.perf_counter(), start_step)
         if cfg.wandb:
@@ -813,8 +807,7 @@ class Logger:
                 run = dict(resume_from=f"{open(id_path).read()}?_step={start_step}")  # W&B drops lower steps
             else:
                 run = dict(id=os.urandom(4).hex())
-                with open(id_path, "w") as f:
-                    f.write(run["id"])
+                Path(id_path).write_text(run["id"])
             self.wandb = wandb.init(project=cfg.wandb, dir=cfg.out_dir, config=dataclasses.asdict(cfg), **run)
 
     def __call__(self, record: dict):
@@ -842,11 +835,11 @@ def export_for_hub(backbone: nn.Module, cfg: Config, step: int, folder: str, pro
     backbone.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
     timm.models.save_for_hf(backbone, folder, model_args=args, safe_serialization=True)
     acc = f"{100 * probe_acc:.2f}% (online linear probe, {cfg.val_split})" if probe_acc is not None else "-"
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(f"# LeJEPA {cfg.model}\n\nPretrained with LeJEPA (arXiv 2511.08544) by minimal_vit_inet.py "
-                f"on {cfg.dataset}: {step} steps, {cfg.epochs} epochs of batch {cfg.batch_size}, no head; "
-                f"top-1: {acc}.\n\n```python\nimport timm\nmodel = timm.create_model(\"local-dir:{folder}\", "
-                f"pretrained=True)  # or hf-hub:USER/REPO\n```\n")
+    Path(folder, "README.md").write_text(
+        f"# LeJEPA {cfg.model}\n\nPretrained with LeJEPA (arXiv 2511.08544) by minimal_vit_inet.py on "
+        f"{cfg.dataset}: {step} steps, {cfg.epochs} epochs of batch {cfg.batch_size}, no head; top-1: {acc}."
+        f"\n\n```python\nimport timm\nmodel = timm.create_model(\"local-dir:{folder}\", pretrained=True)  "
+        f"# or hf-hub:USER/REPO\n```\n")
     print0(f"exported {folder}: timm.create_model('local-dir:{folder}', pretrained=True)")
 
 
