@@ -266,7 +266,6 @@ def build_training(cfg: Config, num_classes: int, device: torch.device):
     if cfg.compile:
         backbone.compile()  # in place: the state_dict keys stay those of the plain timm model
     sigreg = SIGReg(num_slices=cfg.num_slices, seed=cfg.seed).to(device)
-    # official README: 5e-2 for ViTs (models with a patch embedding), 5e-4 for ResNets (and other convnets)
     wd = cfg.weight_decay if cfg.weight_decay >= 0 else 5e-2 if hasattr(backbone, "patch_embed") else 5e-4
     net = [p for name, p in model.named_parameters() if not name.startswith("probe.")]
     groups = [dict(params=[p for p in net if p.ndim >= 2], weight_decay=wd, peak_lr=cfg.lr),
