@@ -224,11 +224,11 @@ class LeJEPA(nn.Module):
         self.probe = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, num_classes)) if num_classes else None
 
     def forward(self, groups: list, N: int, n_global: int):
-        """groups: the views of each size (V_s * N, 3, S, S), view-major, globals first -> emb (V, N, D),
-        proj (V, N, P), probe logits (n_global * N, C) or None: the probe learns from the global views."""
+        """groups: the views of each size (V_s * N, 3, S, S), view-major, globals first -> proj (V, N, P), and
+        the probe's logits (n_global * N, C) or None: the probe learns from the global views."""
         emb = torch.cat([self.backbone(x) for x in groups])  # (V * N, D): one backbone call per view size
         logits = self.probe(emb[:n_global * N].detach()) if self.probe is not None else None
-        return emb.unflatten(0, (-1, N)), self.projector(emb).unflatten(0, (-1, N)), logits
+        return self.projector(emb).unflatten(0, (-1, N)), logits
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def train_step(model, optimizer, sigreg, batch, cfg, autocast, device) -> torch.
           .contiguous(memory_format=torch.channels_last) for x, c in groups]  # float (V_s * N, 3, S, S)
     labels = labels.to(device, non_blocking=True)
     with autocast:
-        emb, proj, logits = model(xs, len(labels), cfg.n_global)  # (V, N, D), (V, N, P), (G * N, C)
+        proj, logits = model(xs, len(labels), cfg.n_global)  # (V, N, P), (G * N, C)
         loss, inv, sig = lejepa_loss(proj, cfg.n_global, sigreg, cfg.lamb)
         probe_loss = torch.zeros((), device=device)
         if logits is not None:  # its input is detached: the probe never shapes the backbone
@@ -493,8 +493,7 @@ def print0(*args, **kwargs):
 
 
 def exit_with_launcher(launcher: int):
-    """A rank's thread: end the rank once torchrun is gone (OOM killer, kill -9); ranks run in sessions of
-    their own, so nothing else would end them."""
+    """End this rank once torchrun is gone (OOM killer, kill -9): ranks run in sessions of their own."""
     while os.getppid() == launcher:  # the rank is re-parented when the launcher dies
         time.sleep(1)
     sys.stderr.write(f"error: rank {os.environ['RANK']}: torchrun (pid {launcher}) is gone; exiting\n")
@@ -503,7 +502,7 @@ def exit_with_launcher(launcher: int):
 
 def claim_out_dir(cfg: Config, rank: int, world: int) -> int:
     """Refuse, touching nothing, a batch that does not split over the ranks, another run's out_dir, or one in
-    use (rank 0 holds a flock on out_dir/lock; the OS drops it with rank 0). -> the checkpoint's step or 0"""
+    use (rank 0 then holds the lock on out_dir/lock for the run). -> the checkpoint's step or 0"""
     if cfg.batch_size % world:
         sys.exit(f"error: --batch_size {cfg.batch_size} is not divisible by the world size {world}")
     path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
@@ -609,8 +608,8 @@ def load_split(dataset: str, split: str, missing_ok: bool = False):
             if split not in ("train", str(ds.split)):
                 raise KeyError(split)
             return ds
-        num_proc = None if os.path.isdir(dataset) else os.cpu_count()  # the hub's: a process per core
-        return datasets.load_dataset(dataset, split=split, num_proc=num_proc)  # a folder: format inferred
+        num_proc = None if os.path.isdir(dataset) else os.cpu_count()
+        return datasets.load_dataset(dataset, split=split, num_proc=num_proc)  # a folder: its format inferred
     except (ValueError, KeyError, ConnectionError, FileNotFoundError) as err:  # incl. DatasetNotFoundError
         if missing_ok and (isinstance(err, KeyError) or "split" in str(err)):  # (KeyError: a saved folder's)
             return None

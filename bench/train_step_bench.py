@@ -125,7 +125,7 @@ def main():
 
     def lejepa_step():  # train_step after its colour stage
         with autocast:
-            emb, proj, logits = model(xs, N, args.n_global)  # (V, N, D), (V, N, P), (G * N, C)
+            proj, logits = model(xs, N, args.n_global)  # (V, N, P), (G * N, C)
             loss, inv, sig = mvi.lejepa_loss(proj, args.n_global, sigreg, cfg.lamb)
             if logits is not None:  # the probe learns from the global views only
                 loss = loss + F.cross_entropy(logits.float(), labels.repeat(args.n_global))
