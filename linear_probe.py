@@ -268,7 +268,7 @@ def format_table(results: dict, metric: str = "linear") -> str:
 
 # ---- main: backbone, then per dataset: cached features (train, val) -> heads and k-NN -> tables ----
 def main(cfg: Config):
-    ddp, rank, world, device = mvi.setup_distributed()
+    _, rank, world, device = mvi.setup_distributed()
     model, size, mean, std, ident = build_model(cfg, device)
     cfg = dataclasses.replace(cfg, global_size=size)  # resolved: mvi.eval_loader reads cfg.global_size
     params = sum(p.numel() for p in model.parameters())
@@ -277,7 +277,7 @@ def main(cfg: Config):
     mvi.print0("config: " + json.dumps(dataclasses.asdict(cfg)))
     paths = {name: [cached_features(cfg, model, mean, std, ident, name, role, device, rank, world)
                     for role in ("train", "val")] for name in cfg.dataset}  # 1. every rank: extract or read
-    mvi.close_distributed(ddp)  # no collective after this: ranks 1.. end while rank 0 trains the heads
+    mvi.close_distributed()  # no collective after this: ranks 1.. end while rank 0 trains the heads
     if rank != 0:
         return None
     results, timings = {}, {}  # 2. rank 0 alone: the heads are small

@@ -6,9 +6,8 @@ LeJEPA (Balestriero & LeCun, arXiv 2511.08544): no teacher, no stop-gradient, no
 
     loss = (1 - lambda) * invariance + lambda * SIGReg,      lambda = 0.05
 
-Reading order: Config | 1. views | 2. model | 3. loss | 4. optimiser and schedule | 5. training step |
-6. main; then, after one banner, the plumbing: command line, processes and faults, data, checkpoints, logs.
-Measured (README): the official recipe's step on an H100; CIFAR-10 pretraining on an H100 and a 2-core CPU.
+Reading order: Config | 1. views | 2. model | 3. loss | 4. optimiser, schedule | 5. training step | 6. main;
+then the plumbing. Measured (README): the official recipe's step on an H100; CIFAR-10 on an H100 and a CPU.
 
     python minimal_vit_inet.py --model vit_small_patch16_224 --local_size 96  # one GPU, or the CPU
     torchrun --nproc_per_node=8 minimal_vit_inet.py  # one node: the official recipe (batch 512 = 8 x 64)
@@ -24,7 +23,6 @@ import datetime
 import fcntl
 import functools
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -33,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -42,7 +41,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms as T
 from torchvision.ops import MLP
@@ -104,14 +102,13 @@ class Config:  # every field is a flag: --field value (bools: true / false)
 # grayscale 0.2, Gaussian blur 0.5, solarize 0.2. Workers crop and draw; the colours are done on the device.
 
 class MultiCrop:
-    """mc(img, g) -> [(pixels uint8 (3, S, S), colour draws (11,))] for n_global, then n_local views.
+    """mc(img, g) -> [(pixels uint8 (3, S, S), colour draws (11,))] for cfg's n_global, then n_local views.
     Every draw comes from the generator g, so a view depends only on the image and g's seed."""
 
-    def __init__(self, global_size=224, local_size=98, n_global=2, n_local=6, global_scale=(0.3, 1.0),
-                 local_scale=(0.05, 0.3), jitter=(0.4, 0.4, 0.2, 0.1)):
-        self.global_scale, self.local_scale, self.jitter = tuple(global_scale), tuple(local_scale), jitter
-        self.kinds = [(global_size, self.global_scale)] * n_global
-        self.kinds += [(local_size, self.local_scale)] * n_local
+    def __init__(self, cfg: Config):
+        self.jitter = cfg.jitter
+        self.kinds = [(cfg.global_size, cfg.global_scale)] * cfg.n_global  # (size, crop scale) of each view
+        self.kinds += [(cfg.local_size, cfg.local_scale)] * cfg.n_local
 
     def __call__(self, img: Image.Image, generator: torch.Generator) -> list:
         img = img if img.mode == "RGB" else img.convert("RGB")
@@ -119,8 +116,7 @@ class MultiCrop:
         return [(self.view(img, p), p["colour"]) for p in draws]
 
     def params(self, width, height, size, scale, g) -> dict:
-        """One view's draws, with torchvision's samplers. colour = [order of the 4 jitter ops (-1 x 4: no
-        jitter), brightness, contrast, saturation, hue, grayscale 0|1, blur sigma (0: none), solarize 0|1]."""
+        """One view's draws, with torchvision's samplers (colour: the 11 values colour_augment unpacks)."""
         with torch.random.fork_rng(devices=[]):  # get_params draw from the global RNG: lend it g's state
             torch.set_rng_state(g.get_state())
             shape = torch.empty(1, 1, 1).expand(3, height, width)  # get_params reads only the image's shape
@@ -138,8 +134,7 @@ class MultiCrop:
     @staticmethod
     def view(img, p) -> torch.Tensor:
         img = img.resize((p["size"], p["size"]), Image.BILINEAR, box=p["box"])  # crop + resize in one pass
-        if p["flip"]:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p["flip"] else img
         return TF.pil_to_tensor(img)  # uint8: a quarter of float32's bytes through the queues and PCIe
 
 
@@ -148,8 +143,7 @@ def colour_augment(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
     ColorJitter, grayscale, GaussianBlur and solarize, each image with its own draws. Every op runs on every
     image and torch.where keeps its result where the image drew it: static shapes, no host sync."""
     x = x / 255  # uint8 -> float32 in [0, 1]
-    draws = colour.view(-1, 11, 1, 1).split(1, dim=1)  # MultiCrop.params' 11, each (N, 1, 1, 1): per image
-    *order, brightness, contrast, saturation, hue, gray, sigma, solarize = draws
+    *order, brightness, contrast, saturation, hue, gray, sigma, solarize = colour.T.reshape(11, -1, 1, 1, 1)
     jitter = [(adjust_brightness, brightness), (adjust_contrast, contrast), (adjust_saturation, saturation),
               (adjust_hue, hue)]
     for slot_op in order:  # ColorJitter's random order: each slot's op, 0 to 3 as in `jitter` (-1: no jitter)
@@ -230,11 +224,11 @@ class LeJEPA(nn.Module):
         self.probe = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, num_classes)) if num_classes else None
 
     def forward(self, groups: list, N: int, n_global: int):
-        """groups: the views of each size (V_s * N, 3, S, S), view-major, globals first -> emb (V, N, D),
-        proj (V, N, P), probe logits (n_global * N, C) or None: the probe learns from the global views."""
+        """groups: the views of each size (V_s * N, 3, S, S), view-major, globals first -> proj (V, N, P), and
+        the probe's logits (n_global * N, C) or None: the probe learns from the global views."""
         emb = torch.cat([self.backbone(x) for x in groups])  # (V * N, D): one backbone call per view size
         logits = self.probe(emb[:n_global * N].detach()) if self.probe is not None else None
-        return emb.unflatten(0, (-1, N)), self.projector(emb).unflatten(0, (-1, N)), logits
+        return self.projector(emb).unflatten(0, (-1, N)), logits
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -272,7 +266,6 @@ def build_training(cfg: Config, num_classes: int, device: torch.device):
     if cfg.compile:
         backbone.compile()  # in place: the state_dict keys stay those of the plain timm model
     sigreg = SIGReg(num_slices=cfg.num_slices, seed=cfg.seed).to(device)
-    # official README: 5e-2 for ViTs (models with a patch embedding), 5e-4 for ResNets (and other convnets)
     wd = cfg.weight_decay if cfg.weight_decay >= 0 else 5e-2 if hasattr(backbone, "patch_embed") else 5e-4
     net = [p for name, p in model.named_parameters() if not name.startswith("probe.")]
     groups = [dict(params=[p for p in net if p.ndim >= 2], weight_decay=wd, peak_lr=cfg.lr),
@@ -300,7 +293,7 @@ def train_step(model, optimizer, sigreg, batch, cfg, autocast, device) -> torch.
           .contiguous(memory_format=torch.channels_last) for x, c in groups]  # float (V_s * N, 3, S, S)
     labels = labels.to(device, non_blocking=True)
     with autocast:
-        emb, proj, logits = model(xs, len(labels), cfg.n_global)  # (V, N, D), (V, N, P), (G * N, C)
+        proj, logits = model(xs, len(labels), cfg.n_global)  # (V, N, P), (G * N, C)
         loss, inv, sig = lejepa_loss(proj, cfg.n_global, sigreg, cfg.lamb)
         probe_loss = torch.zeros((), device=device)
         if logits is not None:  # its input is detached: the probe never shapes the backbone
@@ -312,51 +305,48 @@ def train_step(model, optimizer, sigreg, batch, cfg, autocast, device) -> torch.
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6. main: set up, then the loop. Iteration `step` first does what is due after `step` steps (the epoch's
-# probe, a checkpoint, or the end), then trains step `step`; so the last pass, step == total, only the former.
+# 6. main: set up, then the loop: train a step, then what is due after it (log, probe, checkpoint, export)
 
 def main(cfg: Config):
     ddp, rank, world, device = setup_distributed()
     signal.signal(signal.SIGTERM, lambda *_: STOP.set())  # preemption: checkpoint at the next log step, exit
-    saved_step = claim_out_dir(cfg, rank, world)  # the step of the checkpoint in out_dir, 0 = none
+    resume = claim_out_dir(cfg, rank, world)  # the step of the checkpoint in out_dir, 0 = none
     data = load_data(cfg, rank, world)
     model, sigreg, optimizer = build_training(cfg, data.num_classes, device)
     seed_rank(cfg.seed, rank)  # from here each rank draws its own (stochastic depth)
-    start = load_checkpoint(cfg, model, optimizer, sigreg) if saved_step else 0
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    start = load_checkpoint(cfg, model, optimizer, sigreg) if resume else 0
+    train_model = nn.parallel.DistributedDataParallel(model) if ddp else model  # on the current device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     total, warmup = cfg.epochs * data.steps_per_epoch, round(cfg.warmup_epochs * data.steps_per_epoch)
     print_setup(cfg, data, model, optimizer, world, device, total, warmup, start)
     log = Logger(cfg, start) if rank == 0 else None
     bar = tqdm(total=total, initial=start, disable=rank != 0 or not sys.stdout.isatty(), file=sys.stdout)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss: kept on the device
-    batches, acc, stop, sigterm = None, None, False, False
-    for step in range(start, total + 1):
+    step, stop, acc = start, "", None  # steps done; why the run stops early; the online probe's last top-1
+    while step < total and not stop:
         epoch, offset = divmod(step, data.steps_per_epoch)
-        if step > start and offset == 0 and data.val_loader is not None:  # an epoch ended: the online probe
-            acc = evaluate_probe(model, data.val_loader, device, autocast, step, epoch - 1, log)
-        if step > start and (offset == 0 or step % cfg.save_every == 0 or stop):
-            saved_step = save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite, saved_step, ddp)
-        if step == total or stop:
-            break
-        if batches is None or offset == 0:  # a new epoch, or a resume mid-epoch
+        if step == start or offset == 0:  # a resume mid-epoch, or a new epoch
             batches = train_batches(cfg, data.views, epoch, offset, rank, world, data.steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, warmup, group["peak_lr"], cfg.final_lr_div)
         terms = train_step(train_model, optimizer, sigreg, next(batches), cfg, autocast, device)
         nonfinite |= ~torch.isfinite(terms).all()  # read back at the log interval: no host sync here
         bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == cfg.stop_after:
-            sigterm = log_step(cfg, step + 1, epoch, terms, optimizer, nonfinite, saved_step, ddp, bar, log)
-            stop = sigterm or step + 1 == cfg.stop_after
+        step += 1
+        if step % cfg.log_every == 0 or step == start + 1 or step == cfg.stop_after:
+            stop = log_step(cfg, step, epoch, terms, optimizer, nonfinite, bar, log)  # "" = go on
+        if step % data.steps_per_epoch == 0 and data.val_loader is not None:  # an epoch ended: the probe
+            acc = evaluate_probe(model, data.val_loader, device, autocast, step, epoch, log)
+        if step % data.steps_per_epoch == 0 or step % cfg.save_every == 0 or stop:
+            save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite)
+        if step == total and log:  # the end of the run: the backbone in timm's Hugging Face format
+            export_for_hub(model.backbone, cfg, total, os.path.join(cfg.out_dir, "export"), acc)
     bar.close()
-    if stop and step < total:
-        print0(f"stopped after step {step}{' (SIGTERM)' if sigterm else ''}; resume with the same command")
-    if log and start < step == total:  # the end of the run: the backbone in timm's Hugging Face format
-        export_for_hub(model.backbone, cfg, total, os.path.join(cfg.out_dir, "export"), acc)
+    if step < total:
+        print0(f"stopped after step {step} ({stop}); resume with the same command")
     if log:
         log.close()
-    close_distributed(ddp)
+    close_distributed()
 
 
 def evaluate_probe(model, loader, device, autocast, step=0, epoch=0, log=None) -> float:
@@ -378,9 +368,10 @@ def evaluate_probe(model, loader, device, autocast, step=0, epoch=0, log=None) -
     return acc
 
 
-def log_step(cfg, step, epoch, terms, optimizer, nonfinite, saved_step, ddp, bar, log) -> bool:
-    """The log interval, on every rank: the one host sync of training. True if a SIGTERM reached any rank."""
-    sigterm = check_health(cfg, nonfinite, step, saved_step, ddp)
+def log_step(cfg, step, epoch, terms, optimizer, nonfinite, bar, log) -> str:
+    """The log interval, on every rank: the one host sync of training. -> why the run stops after this step:
+    "SIGTERM" (on any rank), "--stop_after", or "" to go on."""
+    sigterm = check_health(cfg, nonfinite, step)
     if log:
         loss, inv, sig, probe_loss = terms.tolist()
         lr, (then, then_step) = optimizer.param_groups[0]["lr"], log.clock  # since the last log line
@@ -392,7 +383,7 @@ def log_step(cfg, step, epoch, terms, optimizer, nonfinite, saved_step, ddp, bar
             print0(f"step {step}/{bar.total} | {bar.postfix}")
         log(dict(step=step, epoch=epoch, loss=loss, invariance=inv, sigreg=sig, probe_loss=probe_loss, lr=lr,
                  images_per_s=images_per_s))
-    return sigterm
+    return "SIGTERM" if sigterm else "--stop_after" if step == cfg.stop_after else ""
 
 
 # =========================================================================================================
@@ -458,7 +449,6 @@ def patch_size(model: str, timm_args: dict = {}) -> int:
 # ends at once on any error, keeps one writer per out_dir, and checkpoints on SIGTERM.
 
 STOP = threading.Event()  # set by SIGTERM (preemption): the loop checkpoints and exits
-LOCK = {"fd": None}  # out_dir's open lock file; the OS releases the lock when the process dies
 # settings a resumed run may change; any other difference means out_dir holds another run's checkpoint
 RESUMABLE = {"workers", "log_every", "save_every", "stop_after", "compile", "out_dir", "bf16", "wandb"}
 
@@ -472,12 +462,12 @@ def setup_distributed():
         # ranks may wait an hour (NCCL's default: 10 min) for a slow one: a checkpoint, a node preparing data
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=datetime.timedelta(minutes=60))
-        exit_with_launcher()
+        threading.Thread(target=exit_with_launcher, args=(os.getppid(),), daemon=True).start()
     return ddp, rank, world, torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
 
 
-def close_distributed(ddp: bool):
-    if ddp:
+def close_distributed():
+    if dist.is_initialized():
         time.sleep(0.1)  # lets gloo's threads release their finished work (else a hang, or an abort, at exit)
         dist.destroy_process_group()
 
@@ -502,19 +492,17 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def exit_with_launcher():
+def exit_with_launcher(launcher: int):
     """End this rank once torchrun is gone (OOM killer, kill -9): ranks run in sessions of their own."""
-    def watch(launcher=os.getppid()):
-        while os.getppid() == launcher:  # the rank is re-parented when the launcher dies
-            time.sleep(1)
-        sys.stderr.write(f"error: rank {os.environ['RANK']}: torchrun (pid {launcher}) is gone; exiting\n")
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True).start()
+    while os.getppid() == launcher:  # the rank is re-parented when the launcher dies
+        time.sleep(1)
+    sys.stderr.write(f"error: rank {os.environ['RANK']}: torchrun (pid {launcher}) is gone; exiting\n")
+    os._exit(1)
 
 
 def claim_out_dir(cfg: Config, rank: int, world: int) -> int:
     """Refuse, touching nothing, a batch that does not split over the ranks, another run's out_dir, or one in
-    use (rank 0 holds a flock on out_dir/lock; the OS drops it with rank 0). -> the checkpoint's step or 0"""
+    use (rank 0 then holds the lock on out_dir/lock for the run). -> the checkpoint's step or 0"""
     if cfg.batch_size % world:
         sys.exit(f"error: --batch_size {cfg.batch_size} is not divisible by the world size {world}")
     path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
@@ -548,43 +536,40 @@ def claim_out_dir(cfg: Config, rank: int, world: int) -> int:
 
 
 def lock_out_dir(out_dir: str) -> int:
-    """A non-blocking flock on out_dir/lock, which then holds our pid. -> 0, or the holder's pid."""
+    """A non-blocking POSIX lock on out_dir/lock, which then holds our pid. -> 0, or the holder's pid. The OS
+    drops it when this process dies, and forked DataLoader workers do not inherit it."""
     os.makedirs(out_dir, exist_ok=True)
-    fd = os.open(os.path.join(out_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(os.path.join(out_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)  # never closed: that unlocks
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
         return int(os.read(fd, 32) or -1)
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
-    LOCK["fd"] = fd
     return 0
 
 
 def _worker_init(worker_id):
-    """A worker serves batches for 60 s after a SIGTERM (its rank reaches its checkpoint), dies with its rank
-    (one blocked on a pipe to a killed rank stayed for hours), and closes the inherited out_dir lock."""
+    """A worker serves batches for 60 s after a SIGTERM (its rank reaches its checkpoint) and dies with its
+    rank (one blocked on a pipe to a killed rank stayed for hours)."""
     signal.signal(signal.SIGTERM, lambda *_: signal.alarm(60))  # SIGALRM's default action ends the worker
     if hasattr(ctypes.CDLL(None), "prctl"):  # Linux; elsewhere DataLoader's own watchdog (a 5 s poll)
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG, a signal when the parent dies
-    if LOCK["fd"] is not None:
-        os.close(LOCK["fd"])
 
 
-def check_health(cfg, nonfinite, step, saved_step, ddp, model=None) -> bool:
+def check_health(cfg, nonfinite, step, model=None) -> bool:
     """The one host sync of training (log steps, saves), all-reduced: every rank ends alike, in one line, if
     any saw a non-finite loss or (given the model) weight, as a NaN gradient makes. True: a SIGTERM came."""
     flags = [nonfinite, torch.full_like(nonfinite, STOP.is_set())]  # full, not tensor(): no host copy
     if model is not None:
         flags.append(~torch.stack([p.isfinite().all() for p in model.parameters()]).all())
     flags = torch.stack(flags).float()
-    if ddp:
+    if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad_loss, stop, *bad_weights = flags.tolist()
     if bad_loss or any(bad_weights):
-        last = f"the last good checkpoint is {cfg.out_dir}/ckpt.pt (step {saved_step})" if saved_step else \
-            "none saved"
-        sys.exit(f"error: non-finite {'loss' if bad_loss else 'weights'} by step {step}; stopped, {last}")
+        sys.exit(f"error: non-finite {'loss' if bad_loss else 'weights'} by step {step}; stopped, "
+                 f"{last_checkpoint(cfg)}")
     return bool(stop)
 
 
@@ -605,11 +590,9 @@ def load_data(cfg: Config, rank: int, world: int):
     if not 0 < steps <= most:
         sys.exit(f"error: --steps_per_epoch {steps} x --batch_size {cfg.batch_size} needs more than the "
                  f"{len(train)} images of {cfg.dataset}: at most {most}")
-    multicrop = MultiCrop(cfg.global_size, cfg.local_size, cfg.n_global, cfg.n_local, cfg.global_scale,
-                          cfg.local_scale, cfg.jitter)
     has_val = val is not None and label_col in val.features
     return argparse.Namespace(
-        views=ViewsDataset(train, image_col, label_col, multicrop, cfg.seed), steps_per_epoch=steps,
+        views=ViewsDataset(train, image_col, label_col, MultiCrop(cfg), cfg.seed), steps_per_epoch=steps,
         num_classes=count_classes(train, label_col) if label_col else 0,
         val_loader=eval_loader(cfg, val, image_col, label_col, rank, world) if has_val else None)
 
@@ -625,9 +608,8 @@ def load_split(dataset: str, split: str, missing_ok: bool = False):
             if split not in ("train", str(ds.split)):
                 raise KeyError(split)
             return ds
-        if os.path.isdir(dataset):  # datasets infers the format: images by class, parquet, arrow, csv, ...
-            return datasets.load_dataset(dataset, split=split)
-        return datasets.load_dataset(dataset, split=split, num_proc=os.cpu_count())
+        num_proc = None if os.path.isdir(dataset) else os.cpu_count()
+        return datasets.load_dataset(dataset, split=split, num_proc=num_proc)  # a folder: its format inferred
     except (ValueError, KeyError, ConnectionError, FileNotFoundError) as err:  # incl. DatasetNotFoundError
         if missing_ok and (isinstance(err, KeyError) or "split" in str(err)):  # (KeyError: a saved folder's)
             return None
@@ -689,14 +671,13 @@ class ViewsDataset(torch.utils.data.Dataset):
 
 
 def collate_views(items):
-    """In the worker: [(views, label)] * N -> ([(pixels (V_s * N, 3, S, S), colour (V_s * N, 11))] per view
-    size, labels (N,)); view-major (the v-th view of every image, then the next), globals first."""
+    """In the worker: [(views, label)] * N -> the batch train_step reads (its docstring shows the layout)."""
     views, labels = zip(*items)
-    groups = []
-    for _, same_size in itertools.groupby(zip(*views), key=lambda view: view[0][0].shape):
-        group = [pixels_colour for view in same_size for pixels_colour in view]
-        groups.append((torch.stack([p for p, _ in group]), torch.stack([c for _, c in group])))
-    return groups, torch.tensor(labels)
+    groups = {}  # view size -> [(pixels, colour)], view-major: the v-th view of every image, then the next
+    for same_view in zip(*views):
+        groups.setdefault(same_view[0][0].shape, []).extend(same_view)
+    stacked = [(torch.stack([p for p, _ in g]), torch.stack([c for _, c in g])) for g in groups.values()]
+    return stacked, torch.tensor(labels)
 
 
 def train_batches(cfg, views, epoch, skip, rank, world, steps_per_epoch):
@@ -746,9 +727,9 @@ def compiled(fn):  # --compile: fn compiled at its first use, one graph per inpu
 
 # --- Checkpoints: a plain dict, written atomically by rank 0; resume reads it back.
 
-def save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite, saved_step, ddp) -> int:
+def save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite):
     """out_dir/ckpt.pt by rank 0, once all is finite; a failed write (full disk) ends every rank alike."""
-    check_health(cfg, nonfinite, step, saved_step, ddp, model)
+    check_health(cfg, nonfinite, step, model)
     error = [None]
     if int(os.environ.get("RANK", 0)) == 0:
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), sigreg=sigreg.state_dict(),
@@ -756,12 +737,11 @@ def save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite, saved_step, 
         try:
             write_atomic(state, os.path.join(cfg.out_dir, "ckpt.pt"))
         except SystemExit as err:
-            error = [err.code + (f"; the last whole checkpoint is step {saved_step}'s" if saved_step else "")]
-    if ddp:
+            error = [f"{err.code}; {last_checkpoint(cfg)}"]
+    if dist.is_initialized():
         dist.broadcast_object_list(error, src=0)  # the other ranks wait here for the outcome
     if error[0]:
         sys.exit(error[0])
-    return step
 
 
 def write_atomic(obj, path: str):
@@ -776,9 +756,14 @@ def write_atomic(obj, path: str):
         cause = err if isinstance(err, OSError) else err.__context__
         if not isinstance(cause, OSError):
             raise
-        if os.path.isfile(path + ".tmp"):
-            os.remove(path + ".tmp")  # a partial file, on a disk that has no room for it
+        Path(path + ".tmp").unlink(missing_ok=True)  # a partial file, on a disk that has no room for it
         sys.exit(f"error: cannot write {path}: {cause.strerror or cause}")
+
+
+def last_checkpoint(cfg) -> str:  # for an error line: what a rerun resumes from (a save is atomic)
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    saved = os.path.exists(path) and torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return f"the last good checkpoint is {path} (step {saved['step']})" if saved else "none saved"
 
 
 def load_checkpoint(cfg, model: LeJEPA, optimizer, sigreg) -> int:
@@ -809,8 +794,8 @@ class Logger:
     def __init__(self, cfg: Config, start_step: int):
         path = os.path.join(cfg.out_dir, "metrics.jsonl")
         lines = open(path).readlines() if os.path.exists(path) else []
-        with open(path + ".tmp", "w") as f:
-            f.writelines(x for x in lines if x.endswith("\n") and json.loads(x)["step"] <= start_step)
+        kept = [x for x in lines if x.endswith("\n") and json.loads(x)["step"] <= start_step]
+        Path(path + ".tmp").write_text("".join(kept))
         os.replace(path + ".tmp", path)
         self.file, self.wandb, self.clock = open(path, "a"), None, (time.perf_counter(), start_step)
         if cfg.wandb:
@@ -820,8 +805,7 @@ class Logger:
                 run = dict(resume_from=f"{open(id_path).read()}?_step={start_step}")  # W&B drops lower steps
             else:
                 run = dict(id=os.urandom(4).hex())
-                with open(id_path, "w") as f:
-                    f.write(run["id"])
+                Path(id_path).write_text(run["id"])
             self.wandb = wandb.init(project=cfg.wandb, dir=cfg.out_dir, config=dataclasses.asdict(cfg), **run)
 
     def __call__(self, record: dict):
@@ -849,11 +833,11 @@ def export_for_hub(backbone: nn.Module, cfg: Config, step: int, folder: str, pro
     backbone.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
     timm.models.save_for_hf(backbone, folder, model_args=args, safe_serialization=True)
     acc = f"{100 * probe_acc:.2f}% (online linear probe, {cfg.val_split})" if probe_acc is not None else "-"
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(f"# LeJEPA {cfg.model}\n\nPretrained with LeJEPA (arXiv 2511.08544) by minimal_vit_inet.py "
-                f"on {cfg.dataset}: {step} steps, {cfg.epochs} epochs of batch {cfg.batch_size}, no head; "
-                f"top-1: {acc}.\n\n```python\nimport timm\nmodel = timm.create_model(\"local-dir:{folder}\", "
-                f"pretrained=True)  # or hf-hub:USER/REPO\n```\n")
+    Path(folder, "README.md").write_text(
+        f"# LeJEPA {cfg.model}\n\nPretrained with LeJEPA (arXiv 2511.08544) by minimal_vit_inet.py on "
+        f"{cfg.dataset}: {step} steps, {cfg.epochs} epochs of batch {cfg.batch_size}, no head; top-1: {acc}."
+        f"\n\n```python\nimport timm\nmodel = timm.create_model(\"local-dir:{folder}\", pretrained=True)  "
+        f"# or hf-hub:USER/REPO\n```\n")
     print0(f"exported {folder}: timm.create_model('local-dir:{folder}', pretrained=True)")
 
 

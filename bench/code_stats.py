@@ -1,6 +1,6 @@
 """How the three scripts read, in numbers: lines per file (and lines of code: not blank, not a comment, not a
 docstring), the longest function, main() and the line it ends on, the longest line, lines over 110 characters,
-semicolons; and README.md's lines. The targets of the minimal reference (issue #18) are printed beside them.
+semicolons; and README.md's lines. The targets of the minimal reference (issues #18, #24) are printed beside them.
 
     python bench/code_stats.py
 """
@@ -11,7 +11,7 @@ import sys
 import tokenize
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-TARGETS = {"minimal_vit_inet.py": 650, "linear_probe.py": 350, "sigreg.py": 100}  # issue #18, lines per file
+TARGETS = {"minimal_vit_inet.py": 750, "linear_probe.py": 350, "sigreg.py": 100}  # issues #18, #24: lines per file
 
 
 def stats(path: str) -> dict:

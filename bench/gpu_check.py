@@ -270,8 +270,7 @@ def step_config(sz: Sizes) -> mvi.Config:
 def make_batch(jpegs, cfg: mvi.Config, pin: bool):
     """A batch as a DataLoader worker makes it: MultiCrop on each decoded image, then collate_views (per view
     size: uint8 views and their colour draws); pinned for non-blocking copies to a GPU, as pin_memory=True."""
-    mc = mvi.MultiCrop(cfg.global_size, cfg.local_size, cfg.n_global, cfg.n_local, cfg.global_scale,
-                       cfg.local_scale)
+    mc = mvi.MultiCrop(cfg)
     items = [(mc(decode(jpegs[i % len(jpegs)]), torch.Generator().manual_seed(i)), i % 1000)
              for i in range(cfg.batch_size)]
     views, labels = mvi.collate_views(items)
@@ -578,7 +577,8 @@ def worker_rate(jpegs, mc: mvi.MultiCrop, n: int) -> float:
 
 
 def check_data_path(table: Table, sz: Sizes, jpegs, source: str, cifar_jpegs):
-    rate = worker_rate(jpegs, mvi.MultiCrop(sz.global_size, sz.local_size, 2, 6), sz.worker_images)
+    mc = mvi.MultiCrop(mvi.Config(global_size=sz.global_size, local_size=sz.local_size))
+    rate = worker_rate(jpegs, mc, sz.worker_images)
     table.add(f"worker images/s per core, 2x{sz.global_size} + 6x{sz.local_size} px views of {source}",
               f"{rate:.1f}", worker_images_per_s_per_core=rate)
     step_rate = table.values.get("images_per_s_compiled") or table.values.get("images_per_s_eager")
@@ -589,7 +589,8 @@ def check_data_path(table: Table, sz: Sizes, jpegs, source: str, cifar_jpegs):
     else:
         table.add("cores one GPU needs", "unknown: item 2 gave no step rate")
     if cifar_jpegs:
-        mc = mvi.MultiCrop(E2E["global_size"], E2E["local_size"], 2, E2E["n_local"])
+        mc = mvi.MultiCrop(mvi.Config(global_size=E2E["global_size"], local_size=E2E["local_size"],
+                                      n_local=E2E["n_local"]))
         rate = worker_rate(cifar_jpegs, mc, len(cifar_jpegs))
         table.add(f"worker images/s per core, item 5's views of CIFAR-10 (2x32 + {E2E['n_local']}x16 px)",
                   f"{rate:.0f}", cifar_worker_images_per_s_per_core=rate)

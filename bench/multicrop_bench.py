@@ -51,7 +51,7 @@ def baseline_pipeline(size, scale):
 
 
 GLOBAL, LOCAL = baseline_pipeline(224, (0.3, 1.0)), baseline_pipeline(98, (0.05, 0.3))
-MULTICROP = mvi.MultiCrop(224, 98, 2, 6, (0.3, 1.0), (0.05, 0.3))
+MULTICROP = mvi.MultiCrop(mvi.Config())
 
 
 def baseline(jpeg: bytes, seed: int) -> list:

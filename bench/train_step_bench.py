@@ -59,7 +59,7 @@ def paired(backbone_step, lejepa_step, iters):
 def make_batch(cfg: mvi.Config, num_classes: int, pin: bool):
     """collate_views' output for cfg.batch_size random 300 x 200 images: ([(uint8 pixels, colour)] per view
     size, labels); pinned for non-blocking copies to a GPU, as pin_memory=True does."""
-    mc = mvi.MultiCrop(cfg.global_size, cfg.local_size, cfg.n_global, cfg.n_local)
+    mc = mvi.MultiCrop(cfg)
     rng = np.random.default_rng(0)
     items = [(mc(Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)),
                  torch.Generator().manual_seed(n)), n % max(1, num_classes)) for n in range(cfg.batch_size)]
@@ -125,7 +125,7 @@ def main():
 
     def lejepa_step():  # train_step after its colour stage
         with autocast:
-            emb, proj, logits = model(xs, N, args.n_global)  # (V, N, D), (V, N, P), (G * N, C)
+            proj, logits = model(xs, N, args.n_global)  # (V, N, P), (G * N, C)
             loss, inv, sig = mvi.lejepa_loss(proj, args.n_global, sigreg, cfg.lamb)
             if logits is not None:  # the probe learns from the global views only
                 loss = loss + F.cross_entropy(logits.float(), labels.repeat(args.n_global))

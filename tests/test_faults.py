@@ -141,7 +141,8 @@ def test_odd_images_are_converted_and_broken_ones_skipped_and_reported(tmp_path,
     paths = [row["image"]["path"] for row in ds.cast_column("image", datasets.Image(decode=False))]
     bad = [i for i, p in enumerate(paths) if "garbage" in p or "truncated" in p]
     assert len(bad) == 2 and bad[1] - bad[0] > 1 and bad[1] < len(ds) - 1  # apart: each replaced by a good one
-    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), seed=0)
+    mc = mvi.MultiCrop(mvi.Config(global_size=32, local_size=16, n_local=2))
+    views = mvi.ViewsDataset(ds, "image", "label", mc, seed=0)
     items = [views[(0, i)] for i in range(len(ds))]
     assert capfd.readouterr().err.count("warning: skipped unreadable image") == 2  # the garbage and the truncated file
     for crops, label in items:

@@ -147,7 +147,7 @@ def test_a_training_step_never_waits_on_the_host(tmp_path, data, monkeypatch, bf
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--out_dir", str(tmp_path), "--bf16", str(bf16)])
     ds = mvi.load_split(cfg.dataset, "train")
-    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), cfg.seed)
+    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(cfg), cfg.seed)
     batches = mvi.train_batches(cfg, views, 0, 0, 0, 1, 10)  # 1 DataLoader worker
     device = torch.device("cpu")
     model, sigreg, optimizer = mvi.build_training(cfg, 4, device)
@@ -164,7 +164,7 @@ def test_a_training_step_never_waits_on_the_host(tmp_path, data, monkeypatch, bf
     assert terms.dtype == torch.float32 and torch.isfinite(terms).all()
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast never changes the weights
     with host_syncs.count(device) as syncs:  # the counter does see the logging step's read-back
-        assert mvi.check_health(cfg, bad, 3, 0, False) is False and len(terms.tolist()) == 4
+        assert mvi.check_health(cfg, bad, 3) is False and len(terms.tolist()) == 4
     assert len(syncs) == 2, syncs
 
 
@@ -195,7 +195,7 @@ def test_compiled_backbone_does_not_recompile_after_the_first_epoch(tmp_path, da
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--workers", "0", "--compile", "true"])
     ds, val = mvi.load_split(cfg.dataset, "train"), mvi.load_split(cfg.dataset, "validation")
-    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), cfg.seed)
+    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(cfg), cfg.seed)
     val_loader = mvi.eval_loader(cfg, val, "image", "label", 0, 1, 12)  # 40 images: batches of 12, 12, 12, 4
     device = torch.device("cpu")
     model, sigreg, optimizer = mvi.build_training(cfg, 4, device)
@@ -263,7 +263,7 @@ def test_the_online_probe_learns_each_view_with_its_own_images_label(tmp_path, m
     cfg = mvi.parse_config(TINY + ["--dataset", str(data), "--workers", "0", "--probe_lr", "0.05"])
     monkeypatch.setattr(mvi, "build_backbone", lambda *args, **kwargs: MeanColour())
     ds, val = mvi.load_split(cfg.dataset, "train"), mvi.load_split(cfg.dataset, "validation")
-    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(32, 16, 2, 2), cfg.seed)
+    views = mvi.ViewsDataset(ds, "image", "label", mvi.MultiCrop(cfg), cfg.seed)
     device, autocast = torch.device("cpu"), torch.autocast("cpu", enabled=False)
     model, sigreg, optimizer = mvi.build_training(cfg, 3, device)
     for group in optimizer.param_groups:
