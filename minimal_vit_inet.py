@@ -102,30 +102,27 @@ class Config:  # every field is a flag: --field value (bools: true / false)
 # grayscale 0.2, Gaussian blur 0.5, solarize 0.2. Workers crop and draw; the colours are done on the device.
 
 class MultiCrop:
-    """mc(img, g) -> [(pixels uint8 (3, S, S), colour draws (11,))] for cfg's n_global, then n_local views.
-    Every draw comes from the generator g, so a view depends only on the image and g's seed."""
+    """mc(img) -> [(pixels uint8 (3, S, S), colour draws (11,))] for cfg's n_global, then n_local views, drawn
+    from torch's global RNG with torchvision's samplers (ViewsDataset seeds it for each image)."""
 
     def __init__(self, cfg: Config):
         self.jitter = cfg.jitter
         self.kinds = [(cfg.global_size, cfg.global_scale)] * cfg.n_global  # (size, crop scale) of each view
         self.kinds += [(cfg.local_size, cfg.local_scale)] * cfg.n_local
 
-    def __call__(self, img: Image.Image, generator: torch.Generator) -> list:
+    def __call__(self, img: Image.Image) -> list:
         img = img if img.mode == "RGB" else img.convert("RGB")
-        draws = [self.params(*img.size, size, scale, generator) for size, scale in self.kinds]
+        draws = [self.params(*img.size, size, scale) for size, scale in self.kinds]
         return [(self.view(img, p), p["colour"]) for p in draws]
 
-    def params(self, width, height, size, scale, g) -> dict:
-        """One view's draws, with torchvision's samplers (colour: the 11 values colour_augment unpacks)."""
-        with torch.random.fork_rng(devices=[]):  # get_params draw from the global RNG: lend it g's state
-            torch.set_rng_state(g.get_state())
-            shape = torch.empty(1, 1, 1).expand(3, height, width)  # get_params reads only the image's shape
-            top, left, h, w = T.RandomResizedCrop.get_params(shape, scale, ratio=(3 / 4, 4 / 3))
-            *bcs, hue = self.jitter  # torchvision's ranges: 1 -+ strength (>= 0), the hue -+ its strength
-            order, *factors = T.ColorJitter.get_params(*[(max(0, 1 - x), 1 + x) for x in bcs], (-hue, hue))
-            sigma = T.GaussianBlur.get_params(0.1, 2.0)
-            flip, jitter, gray, blur, solarize = torch.rand(5).tolist()
-            g.set_state(torch.get_rng_state())
+    def params(self, width, height, size, scale) -> dict:
+        """One view's draws (colour: the 11 values colour_augment unpacks)."""
+        shape = torch.empty(1, 1, 1).expand(3, height, width)  # get_params reads only the image's shape
+        top, left, h, w = T.RandomResizedCrop.get_params(shape, scale, ratio=(3 / 4, 4 / 3))
+        *bcs, hue = self.jitter  # torchvision's ranges: 1 -+ strength (>= 0), the hue -+ its strength
+        order, *factors = T.ColorJitter.get_params(*[(max(0, 1 - x), 1 + x) for x in bcs], (-hue, hue))
+        sigma = T.GaussianBlur.get_params(0.1, 2.0)
+        flip, jitter, gray, blur, solarize = torch.rand(5).tolist()
         order = order.tolist() if jitter < 0.8 else [-1] * 4
         colour = order + factors + [gray < 0.2, sigma if blur < 0.5 else 0.0, solarize < 0.2]
         return dict(size=size, box=(left, top, left + w, top + h), flip=flip < 0.5,
@@ -139,9 +136,8 @@ class MultiCrop:
 
 
 def colour_augment(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
-    """uint8 views (N, 3, H, W) and their draws (N, 11) -> float32, augmented and normalised: torchvision's
-    ColorJitter, grayscale, GaussianBlur and solarize, each image with its own draws. Every op runs on every
-    image and torch.where keeps its result where the image drew it: static shapes, no host sync."""
+    """uint8 views (N, 3, H, W), draws (N, 11) -> float32, augmented as torchvision, image by image, and
+    normalised. Every op runs on all images; torch.where keeps it where drawn: static shapes, no host sync."""
     x = x / 255  # uint8 -> float32 in [0, 1]
     *order, brightness, contrast, saturation, hue, gray, sigma, solarize = colour.T.reshape(11, -1, 1, 1, 1)
     jitter = [(adjust_brightness, brightness), (adjust_contrast, contrast), (adjust_saturation, saturation),
@@ -283,8 +279,7 @@ def build_training(cfg: Config, num_classes: int, device: torch.device):
 def train_step(model, optimizer, sigreg, batch, cfg, autocast, device) -> torch.Tensor:
     """One batch of N images from train_batches (collate_views made it in the DataLoader workers):
         batch = ([(views, draws) for each view size S], labels (N,))  # S = 224 px (the globals), then 98 px
-        views  uint8 (V_s * N, 3, S, S)  the V_s views of size S (2 global, 6 local), view-major: row
-                                         v * N + n is view v of image n, as LeJEPA.forward reads them
+        views  uint8 (V_s * N, 3, S, S)  V_s views of size S, view-major: row v * N + n is view v of image n
         draws  float (V_s * N, 11)       their colour draws (MultiCrop.params), read by colour_augment
     Copies are non-blocking (pinned memory), nothing read back -> (loss, invariance, sigreg, probe loss)."""
     groups, labels = batch
@@ -482,8 +477,7 @@ def run(main, *args):
             sys.stderr.write(err.code + "\n")
         os._exit(1 if isinstance(err.code, str) else err.code or 0)
     except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
+        traceback.print_exc()  # stderr is line-buffered: written before os._exit
         os._exit(1)
 
 
@@ -653,9 +647,6 @@ class ViewsDataset(torch.utils.data.Dataset):
         self.ds, self.image_col, self.label_col, self.transform = ds, image_col, label_col, transform
         self.seed = seed
 
-    def __len__(self):
-        return len(self.ds)
-
     def __getitem__(self, key):
         epoch, i = key
         for j in range(i, i + 100):
@@ -663,7 +654,9 @@ class ViewsDataset(torch.utils.data.Dataset):
             try:
                 row = self.ds[j]  # decodes the image, in a worker
                 seed = int(np.random.SeedSequence([self.seed, epoch, j]).generate_state(1)[0])
-                views = self.transform(row[self.image_col], torch.Generator().manual_seed(seed))
+                with torch.random.fork_rng(devices=[]):  # --workers 0: the main process's own draws go on
+                    torch.default_generator.manual_seed(seed)  # the CPU RNG, which MultiCrop draws from
+                    views = self.transform(row[self.image_col])
                 return views, (row[self.label_col] if self.label_col else -1)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL: a bad file
                 sys.stderr.write(f"warning: skipped unreadable image #{j}: {err!r}\n")
@@ -683,7 +676,7 @@ def collate_views(items):
 def train_batches(cfg, views, epoch, skip, rank, world, steps_per_epoch):
     """One epoch's batches on this rank, after the first `skip` (a resume mid-epoch: those are not read)."""
     per_rank = cfg.batch_size // world
-    sampler = DistributedSampler(views, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler = DistributedSampler(views.ds, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
     sampler.set_epoch(epoch)  # a new permutation each epoch, the same on all ranks
     order = list(sampler)[skip * per_rank: steps_per_epoch * per_rank]
     yield from DataLoader(views, per_rank, sampler=[(epoch, i) for i in order], num_workers=cfg.workers,
@@ -691,8 +684,8 @@ def train_batches(cfg, views, epoch, skip, rank, world, steps_per_epoch):
                           worker_init_fn=_worker_init)
 
 
-def eval_transform(img: Image.Image, generator=None, size: int = 224) -> torch.Tensor:
-    """The usual evaluation view, uint8: short side to size / 0.875, centre crop (generator: unused)."""
+def eval_transform(img: Image.Image, size: int = 224) -> torch.Tensor:
+    """The usual evaluation view, uint8: short side to size / 0.875, centre crop."""
     img = TF.resize(img.convert("RGB"), int(size / 0.875), interpolation=TF.InterpolationMode.BICUBIC)
     return TF.pil_to_tensor(TF.center_crop(img, [size, size]))
 

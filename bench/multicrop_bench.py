@@ -63,7 +63,8 @@ def baseline(jpeg: bytes, seed: int) -> list:
 def multicrop(jpeg: bytes, seed: int) -> list:
     img = Image.open(io.BytesIO(jpeg))
     img.load()  # decode here, like datasets' Image feature does in the worker
-    return MULTICROP(img, torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)  # MultiCrop draws from the global RNG, as ViewsDataset seeds it
+    return MULTICROP(img)
 
 
 SIDES = {"baseline": baseline, "MultiCrop": multicrop}

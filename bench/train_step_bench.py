@@ -61,8 +61,9 @@ def make_batch(cfg: mvi.Config, num_classes: int, pin: bool):
     size, labels); pinned for non-blocking copies to a GPU, as pin_memory=True does."""
     mc = mvi.MultiCrop(cfg)
     rng = np.random.default_rng(0)
-    items = [(mc(Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)),
-                 torch.Generator().manual_seed(n)), n % max(1, num_classes)) for n in range(cfg.batch_size)]
+    torch.manual_seed(0)  # MultiCrop draws from the global RNG, as ViewsDataset seeds it
+    images = [Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)) for _ in range(cfg.batch_size)]
+    items = [(mc(img), n % max(1, num_classes)) for n, img in enumerate(images)]
     groups, labels = mvi.collate_views(items)
     if pin:
         groups, labels = [(x.pin_memory(), c.pin_memory()) for x, c in groups], labels.pin_memory()

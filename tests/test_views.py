@@ -21,6 +21,11 @@ import minimal_vit_inet as mvi  # noqa: E402
 N_DRAWS = 4000
 
 
+def seeded(seed: int):
+    """MultiCrop draws from torch's global RNG, which ViewsDataset seeds for each image."""
+    torch.manual_seed(seed)
+
+
 def photo(width=320, height=240, seed=0) -> Image.Image:
     """A smooth colourful RGB image with some noise: every op changes it."""
     y, x = np.mgrid[0:height, 0:width] / max(width, height)
@@ -33,8 +38,9 @@ def photo(width=320, height=240, seed=0) -> Image.Image:
 @pytest.fixture(scope="module")
 def draws():
     """N_DRAWS parameter sets of each view type, from a fixed seed."""
-    mc, g = mvi.MultiCrop(mvi.Config()), torch.Generator().manual_seed(0)
-    return {kind: [mc.params(320, 240, size, scale, g) for _ in range(N_DRAWS)]
+    mc = mvi.MultiCrop(mvi.Config())
+    seeded(0)
+    return {kind: [mc.params(320, 240, size, scale) for _ in range(N_DRAWS)]
             for kind, size, scale in [("global", 224, (0.3, 1.0)), ("local", 98, (0.05, 0.3))]}
 
 
@@ -82,8 +88,9 @@ def test_jitter_factors_and_blur_sigma_in_range(draws, kind):
 def test_jitter_strengths_set_torchvisions_ranges():
     """--jitter b c s h draws brightness, contrast and saturation in [max(0, 1 - x), 1 + x] and the hue in
     [-h, h], as torchvision's ColorJitter(b, c, s, h); a hue beyond half a turn is refused in one line."""
-    mc, g = mvi.MultiCrop(mvi.Config(jitter=(0.8, 0.8, 1.2, 0.2))), torch.Generator().manual_seed(0)
-    c = torch.stack([mc.params(320, 240, 32, (0.3, 1.0), g)["colour"] for _ in range(3000)])
+    mc = mvi.MultiCrop(mvi.Config(jitter=(0.8, 0.8, 1.2, 0.2)))
+    seeded(0)
+    c = torch.stack([mc.params(320, 240, 32, (0.3, 1.0))["colour"] for _ in range(3000)])
     c = c[c[:, 0] >= 0]  # the views that drew the jitter
     for k, (lo, hi) in enumerate([(0.2, 1.8), (0.2, 1.8), (0.0, 2.2), (-0.2, 0.2)]):
         assert lo <= c[:, 4 + k].min() < lo + 0.01 and hi - 0.01 < c[:, 4 + k].max() <= hi
@@ -110,24 +117,29 @@ def test_crops_fall_in_scale_and_aspect_range(draws, kind, scale):
 
 def test_views_shapes_dtypes_and_reproducible():
     mc, img = mvi.MultiCrop(mvi.Config()), photo()
-    views = mc(img, torch.Generator().manual_seed(3))
+    seeded(3)
+    views = mc(img)
     assert [tuple(v.shape) for v, _ in views] == [(3, 224, 224)] * 2 + [(3, 98, 98)] * 6
     assert all(v.dtype == torch.uint8 and c.dtype == torch.float32 and c.shape == (11,) for v, c in views)
-    again = mc(img, torch.Generator().manual_seed(3))
+    seeded(3)
+    again = mc(img)
     assert all(torch.equal(a, b) for va, vb in zip(views, again) for a, b in zip(va, vb))  # exact resume needs it
-    other = mc(img, torch.Generator().manual_seed(4))
+    seeded(4)
+    other = mc(img)
     assert not any(torch.equal(a[0], b[0]) for a, b in zip(views, other))  # every draw comes from the generator
-    gray = mc(img.convert("L"), torch.Generator().manual_seed(3))  # non-RGB input is converted
+    seeded(3)
+    gray = mc(img.convert("L"))  # non-RGB input is converted
     assert [tuple(v.shape) for v, _ in gray] == [(3, 224, 224)] * 2 + [(3, 98, 98)] * 6
 
 
 def test_call_applies_the_drawn_params_in_order():
-    """__call__ = params() then view() per view, globals first, one generator; view() = crop, resize, flip."""
+    """__call__ = params() then view() per view, globals first, one RNG stream; view() = crop, resize, flip."""
     mc, img = mvi.MultiCrop(mvi.Config(global_size=64, local_size=32, n_global=2, n_local=3)), photo(seed=1)
-    views = mc(img, torch.Generator().manual_seed(5))
-    g = torch.Generator().manual_seed(5)
-    ps = [mc.params(320, 240, 64, (0.3, 1.0), g) for _ in range(2)] + \
-         [mc.params(320, 240, 32, (0.05, 0.3), g) for _ in range(3)]
+    seeded(5)
+    views = mc(img)
+    seeded(5)
+    ps = [mc.params(320, 240, 64, (0.3, 1.0)) for _ in range(2)] + \
+         [mc.params(320, 240, 32, (0.05, 0.3)) for _ in range(3)]
     for (v, c), p in zip(views, ps):
         assert torch.equal(v, mc.view(img, p)) and torch.equal(c, p["colour"])
 
@@ -159,8 +171,9 @@ def torchvision_reference(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor
 def test_colour_augment_on_device_matches_torchvision_per_image(size, jitter):
     """A batch with every image's own draws (the table's, or the official minimal example's stronger jitter,
     plus hand-set corner cases) equals torchvision applied image by image on the CPU."""
-    mc, g = mvi.MultiCrop(mvi.Config(jitter=jitter)), torch.Generator().manual_seed(7)
-    colour = [mc.params(320, 240, size, (0.05, 1.0), g)["colour"] for _ in range(40)]
+    mc = mvi.MultiCrop(mvi.Config(jitter=jitter))
+    seeded(7)
+    colour = [mc.params(320, 240, size, (0.05, 1.0))["colour"] for _ in range(40)]
     colour += [torch.tensor([-1.0] * 4 + [1, 1, 1, 0, 0, 0, 0]),  # nothing at all: plain normalisation
                torch.tensor([3.0, 2, 1, 0, 1.4, 0.6, 1.2, -0.1, 1, 2.0, 1]),  # every op, extreme arguments
                torch.tensor([0.0, 1, 2, 3, 0.6, 1.4, 0.8, 0.1, 0, 0.1, 0])]
@@ -226,7 +239,8 @@ def test_the_colour_stage_of_a_step_dispatches_at_most_400_ops():
             return func(*args, **(kwargs or {}))
 
     mc = mvi.MultiCrop(mvi.Config())
-    images = [mc(photo(seed=i), torch.Generator().manual_seed(i)) for i in range(6)]  # 8 (pixels, draws) each
+    seeded(0)
+    images = [mc(photo(seed=i)) for i in range(6)]  # 8 (pixels, draws) each
     groups, _ = mvi.collate_views([(views, 0) for views in images])
     assert [tuple(x.shape) for x, _ in groups] == [(12, 3, 224, 224), (36, 3, 98, 98)]
     for v, n in ((0, 0), (1, 2), (2, 4), (7, 5)):  # view v of image n: globals first, then view-major
