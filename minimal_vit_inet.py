@@ -97,9 +97,8 @@ class Config:  # every field is a flag: --field value (bools: true / false)
     wandb: str = ""  # also log to this Weights & Biases project (pip install wandb)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 1. Views. Official README table: RandomResizedCrop, flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8,
-# grayscale 0.2, Gaussian blur 0.5, solarize 0.2. Workers crop and draw; the colours are done on the device.
+# ---- 1. Views (official README table): RandomResizedCrop, flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8,
+# grayscale 0.2, Gaussian blur 0.5, solarize 0.2; workers crop and draw, the device does the colours ----
 
 class MultiCrop:
     """mc(img) -> [(pixels uint8 (3, S, S), colour draws (11,))] for cfg's n_global, then n_local views, drawn
@@ -197,8 +196,7 @@ def gaussian_blur(x, sigma, size=23):
     return F.conv2d(x, k.view(N * C, 1, -1, 1), groups=N * C).view(N, C, H, W)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 2. Model: timm backbone -> embedding (the probe reads it) -> projector (the loss reads it)
+# ---- 2. Model: timm backbone -> embedding (the probe reads it) -> projector (the loss reads it) ----
 
 def build_backbone(name: str, img_size: int = 224, drop_path: float = 0.0, **timm_args) -> nn.Module:
     """A timm model from scratch, no classifier: model(x) is the (B, D) embedding; ViTs take any view size."""
@@ -227,8 +225,7 @@ class LeJEPA(nn.Module):
         return self.projector(emb).unflatten(0, (-1, N)), logits
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 3. Loss: invariance to the global views' mean + SIGReg on every view
+# ---- 3. Loss: invariance to the global views' mean + SIGReg on every view ----
 
 def lejepa_loss(proj: torch.Tensor, n_global: int, sigreg: nn.Module, lamb: float):
     """proj (V, N, P), globals first -> (loss, invariance, sigreg). Invariance: the mean of (z_vn - c_n)^2,
@@ -240,8 +237,7 @@ def lejepa_loss(proj: torch.Tensor, n_global: int, sigreg: nn.Module, lamb: floa
     return (1 - lamb) * invariance + lamb * sig, invariance, sig
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 4. Optimiser and schedule: AdamW; linear warm-up, then cosine down to lr / final_lr_div
+# ---- 4. Optimiser and schedule: AdamW; linear warm-up, then cosine down to lr / final_lr_div ----
 
 def lr_at(step: int, total: int, warmup: int, lr: float, final_div: float = 1000.0) -> float:
     """The learning rate of step `step` in [0, total): warm-up up to lr, then down to lr / final_div."""
@@ -273,8 +269,7 @@ def build_training(cfg: Config, num_classes: int, device: torch.device):
     return model, sigreg, optimizer
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 5. Training step: views -> embeddings -> loss -> AdamW, with no host sync
+# ---- 5. Training step: views -> embeddings -> loss -> AdamW, with no host sync ----
 
 def train_step(model, optimizer, sigreg, batch, cfg, autocast, device) -> torch.Tensor:
     """One batch of N images from train_batches (collate_views made it in the DataLoader workers):
@@ -299,8 +294,7 @@ def train_step(model, optimizer, sigreg, batch, cfg, autocast, device) -> torch.
     return torch.stack([loss, inv, sig, probe_loss]).detach()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 6. main: set up, then the loop: train a step, then what is due after it (log, probe, checkpoint, export)
+# ---- 6. main: set up; the loop trains a step, then does what is due (log, probe, checkpoint, export) ----
 
 def main(cfg: Config):
     ddp, rank, world, device = setup_distributed()
@@ -381,8 +375,7 @@ def log_step(cfg, step, epoch, terms, optimizer, nonfinite, bar, log) -> str:
     return "SIGTERM" if sigterm else "--stop_after" if step == cfg.stop_after else ""
 
 
-# =========================================================================================================
-# Plumbing: the command line, processes and faults, data, checkpoints, logs, export
+# ==== Plumbing: the command line, processes and faults, data, checkpoints, logs, export ====
 
 def parse_config(argv=None) -> Config:
     """argparse generated from the dataclass; every check that can fail before heavy work ends in one line."""
