@@ -319,7 +319,7 @@ def main(cfg: Config):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, warmup, group["peak_lr"], cfg.final_lr_div)
         terms = train_step(train_model, optimizer, sigreg, next(batches), cfg, autocast, device)
-        nonfinite |= ~torch.isfinite(terms).all()  # read back at the log interval: no host sync here
+        nonfinite |= ~torch.isfinite(terms).all()  # no host sync: check_health ends the run at a log or save
         bar.update(1)
         step += 1
         if step % cfg.log_every == 0 or step == start + 1 or step == cfg.stop_after:
@@ -797,7 +797,7 @@ class Logger:
     def __call__(self, record: dict):
         print(json.dumps(record), file=self.file, flush=True)
         if self.wandb:
-            self.wandb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
+            self.wandb.log(record, step=record["step"])
 
     def close(self):
         self.file.close()

@@ -1,6 +1,6 @@
 """How the scripts read, as counts (issue #18, the minimal reference): in all three, no line over 110
 characters, no semicolons, no function over 50 lines, main() at most 60; minimal_vit_inet.py puts the method
-first (main ends by line 349, the plumbing after it); each file within its line count; README.md's first page
+first (main ends by line 340, the plumbing after it); each file within its line count; README.md's first page
 at most 150 lines. bench/code_stats.py prints the same numbers beside the issue's targets."""
 import sys
 from pathlib import Path
@@ -12,8 +12,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import code_stats  # noqa: E402
 
 # lines per file. sigreg.py and linear_probe.py meet issue #18's targets (100 and 350); minimal_vit_inet.py is
-# held where issue #24's cuts left it (845), over that issue's 750 (see the issue's closing note)
-LINES = {"minimal_vit_inet.py": 845, "linear_probe.py": 350, "sigreg.py": 100}
+# held where issue #24's cuts left it (831), over that issue's 750 (see the issue's closing note)
+LINES = {"minimal_vit_inet.py": 831, "linear_probe.py": 350, "sigreg.py": 100}
 
 
 @pytest.mark.parametrize("script", sorted(LINES))
@@ -27,7 +27,7 @@ def test_scripts_read_in_one_sitting(script):
 
 
 def test_the_method_comes_first_and_sigreg_is_short():
-    assert code_stats.stats(str(ROOT / "minimal_vit_inet.py"))["main_ends"] <= 349
+    assert code_stats.stats(str(ROOT / "minimal_vit_inet.py"))["main_ends"] <= 340
     assert code_stats.stats(str(ROOT / "sigreg.py"))["code"] <= 60  # lines of code, docstring and comments aside
 
 
