@@ -83,7 +83,7 @@ class Config:  # every field is a flag: --field value (bools: true / false)
     batch_size: int = 512  # GLOBAL images per step, split over ranks (paper ablation: 512 is best)
     lr: float = 5e-4  # peak learning rate, not scaled with the batch
     weight_decay: float = -1.0  # < 0 = auto: 5e-2 for ViTs, 5e-4 for convnets
-    warmup_epochs: float = -1.0  # linear; < 0 = auto: 10 (DINO's; the paper gives none), at most epochs / 10
+    warmup_epochs: float = -1.0  # linear; < 0: parse_config sets 10 (DINO's; paper: none), <= epochs / 10
     final_lr_div: float = 1000.0  # the cosine ends at lr / final_lr_div at the very last step
     probe_lr: float = 1e-3  # online probe (same schedule shape)
     probe_weight_decay: float = 1e-6
@@ -115,7 +115,9 @@ class MultiCrop:
         return [(self.view(img, p), p["colour"]) for p in draws]
 
     def params(self, width, height, size, scale) -> dict:
-        """One view's draws (colour: the 11 values colour_augment unpacks)."""
+        """One view's draws. colour, the 11 values colour_augment unpacks: the 4 jitter ops' ids in their
+        drawn order (-1 x 4: no jitter), the brightness, contrast, saturation and hue factors, grayscale 0|1,
+        blur sigma (0: no blur), solarize 0|1."""
         shape = torch.empty(1, 1, 1).expand(3, height, width)  # get_params reads only the image's shape
         top, left, h, w = T.RandomResizedCrop.get_params(shape, scale, ratio=(3 / 4, 4 / 3))
         *bcs, hue = self.jitter  # torchvision's ranges: 1 -+ strength (>= 0), the hue -+ its strength
@@ -127,8 +129,7 @@ class MultiCrop:
         return dict(size=size, box=(left, top, left + w, top + h), flip=flip < 0.5,
                     colour=torch.tensor(colour, dtype=torch.float32))
 
-    @staticmethod
-    def view(img, p) -> torch.Tensor:
+    def view(self, img, p) -> torch.Tensor:
         img = img.resize((p["size"], p["size"]), Image.BILINEAR, box=p["box"])  # crop + resize in one pass
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p["flip"] else img
         return TF.pil_to_tensor(img)  # uint8: a quarter of float32's bytes through the queues and PCIe
@@ -233,7 +234,7 @@ def lejepa_loss(proj: torch.Tensor, n_global: int, sigreg: nn.Module, lamb: floa
     proj = proj.float()  # bf16 under autocast: the loss is taken in fp32
     centers = proj[:n_global].mean(0)  # (N, P)
     invariance = (proj - centers).square().mean()
-    sig = sigreg(proj)  # fp32 inside, all-reduced over ranks: every rank must call it
+    sig = sigreg(proj)  # (V, N, P) -> a scalar, fp32 inside, all-reduced over ranks: every rank calls it
     return (1 - lamb) * invariance + lamb * sig, invariance, sig
 
 
@@ -323,7 +324,7 @@ def main(cfg: Config):
         bar.update(1)
         step += 1
         if step % cfg.log_every == 0 or step == start + 1 or step == cfg.stop_after:
-            stop = log_step(cfg, step, epoch, terms, optimizer, nonfinite, bar, log)  # "" = go on
+            stop = log_step(cfg, step, epoch, terms, optimizer, nonfinite, bar, log)  # "": go on, else save
         if step % data.steps_per_epoch == 0 and data.val_loader is not None:  # an epoch ended: the probe
             acc = evaluate_probe(model, data.val_loader, device, autocast, step, epoch, log)
         if step % data.steps_per_epoch == 0 or step % cfg.save_every == 0 or stop:
