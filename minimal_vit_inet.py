@@ -52,7 +52,6 @@ from sigreg import SIGReg
 
 @dataclasses.dataclass
 class Config:  # every field is a flag: --field value (bools: true / false)
-    # data
     dataset: str = "timm/imagenet-1k-wds"  # hub id, local image folder (imagefolder) or save_to_disk folder
     train_split: str = "train"
     val_split: str = "validation"  # labelled split for the online probe ("" or missing = no evaluation)
@@ -75,7 +74,6 @@ class Config:  # every field is a flag: --field value (bools: true / false)
     proj_hidden: int = 2048  # projector MLP width (BatchNorm + ReLU after each hidden layer)
     proj_dim: int = 128  # projector output: where invariance and SIGReg are measured
     compile: bool = False  # torch.compile the backbone and the colour stage
-    # loss
     lamb: float = 0.05  # lambda: weight of SIGReg in (1 - lambda) * invariance + lambda * SIGReg
     num_slices: int = 1024  # SIGReg's random directions per step (paper: 1024)
     # optimisation (official README: AdamW, lr 5e-4, wd 5e-2 ViT / 5e-4 ResNet, warm-up + cosine to lr/1000)
@@ -313,6 +311,8 @@ def main(cfg: Config):
     bar = tqdm(total=total, initial=start, disable=rank != 0 or not sys.stdout.isatty(), file=sys.stdout)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss: kept on the device
     step, stop, acc = start, "", None  # steps done; why the run stops early; the online probe's last top-1
+    # the loop ends at `total` (export), or after a log step that saw a SIGTERM or --stop_after (checkpoint,
+    # exit 0: resume later); a non-finite loss or weight ends all ranks in check_health (exit 1, no save)
     while step < total and not stop:
         epoch, offset = divmod(step, data.steps_per_epoch)
         if step == start or offset == 0:  # a resume mid-epoch, or a new epoch
