@@ -1,8 +1,9 @@
 """Side by side on CIFAR-10 at an equal CPU budget: the authors' minimal example (MINIMAL.md) against
 minimal_vit_inet.py, the same backbone and data, every run probed by linear_probe.py.
 
-Each run pretrains for --budget_min minutes of wall-clock (a 10-step calibration measures img/s first; the
-schedule is then sized to fill the rest), on the CIFAR-10 JPEGs' train split; linear_probe.py then reports
+Each run pretrains for --budget_min minutes of wall-clock, on the CIFAR-10 JPEGs' train split: every run of
+one invocation first calibrates (about 10 steps measure its img/s), back to back, so that one machine state
+sizes every schedule to fill what is left of its budget; then each trains; linear_probe.py then reports
 linear, k-NN and 10-shot linear top-1 on the test split (32 px centre view, LayerNorm + linear head).
 Runs (--runs):
   official  the minimal example's recipe, written here from its published values (its code is not copied):
@@ -11,14 +12,15 @@ Runs (--runs):
             lambda 0.02, 256 slices, AdamW lr 2e-3 wd 5e-2 on every weight, batch 256, a one-epoch linear
             warm-up from lr / 100, then cosine to an absolute 1e-3 (the example's eta_min); the invariance
             centres on all V views; the online probe reads every view
-  NAME      minimal_vit_inet.py with RECIPES[NAME]'s flags (below), plus --flags (an ablation's difference)
+  NAME      minimal_vit_inet.py with RECIPES[NAME]'s flags (below), plus --flags (for every NAME run)
+  NAME,--flag=value,...   the same with one ablation's difference (tagged in results.jsonl)
   pixels    the normalised 32 px pixels, probed alike (no training)
   random    the backbone at random init (the seed minimal_vit_inet.py starts from)
 Every finished run appends a line to --out_dir/results.jsonl (flags, steps, img/s, the online probe per
 epoch, linear / k-NN / 10-shot); --table prints that file as docs/recipe_cifar10.md's tables.
 
     python bench/quality_cifar10.py --budget_min 15 --epoch_images 10000 --runs official small pixels --seed 0
-    python bench/quality_cifar10.py --budget_min 15 --epoch_images 10000 --runs small --tag l02 --flags="--lamb 0.02"
+    python bench/quality_cifar10.py --budget_min 15 --epoch_images 10000 --runs small small,--lamb=0.02
     python bench/quality_cifar10.py --table
 Data: ../shared/data/cifar10-jpg.tar.gz (train/<class>/*.jpg 5000 per class, test/<class>/*.jpg 1000 per
 class), extracted once to --root; the bench skips with a message when the archive is absent.
@@ -93,41 +95,42 @@ def schedule(steps: int, batch: int, args) -> tuple:
     return epochs, math.ceil(steps / epochs)
 
 
-def steps_left(t_start: float, img_s: float, batch: int, args) -> int:
-    left_s = args.budget_min * 60 - (time.perf_counter() - t_start) - 20  # 20 s: start-up and the last save
+def steps_left(spent_s: float, img_s: float, batch: int, args) -> int:
+    left_s = args.budget_min * 60 - spent_s - 20  # spent: start-up and calibration; 20 s: the last save
     return max(10, int(left_s * img_s / batch))
 
 
 # ---- minimal_vit_inet.py runs ----------------------------------------------------------------------------
-def ours(name: str, out: str, args) -> dict:
-    flags = (RECIPES[name] + " " + args.flags).split()
+def ours(name: str, out: str, args, extra=(), steps=None) -> dict:
+    """Without steps: a 10-step calibration run (thrown away), its img/s. With steps: the run, that long."""
+    flags = (RECIPES[name] + " " + args.flags).split() + list(extra)
     sys.path.insert(0, ROOT)
     import minimal_vit_inet as mvi  # its own parser reads the batch size the flags give (the last one wins)
     batch = mvi.parse_config(["--model", args.model, "--global_size", str(args.size), *flags]).batch_size
 
-    def pretrain(run_dir, steps, *extra):
+    def pretrain(run_dir, steps, *more):
         epochs, per_epoch = schedule(steps, batch, args)
         cmd = ["minimal_vit_inet.py", "--dataset", args.root, "--val_split", "test", "--model", args.model,
                "--global_size", str(args.size), "--workers", str(args.workers), "--seed", str(args.seed), *flags,
-               "--epochs", str(epochs), "--steps_per_epoch", str(per_epoch), "--out_dir", run_dir, *extra]
+               "--epochs", str(epochs), "--steps_per_epoch", str(per_epoch), "--out_dir", run_dir, *more]
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resume
         run(cmd, run_dir + ".log", args)
         return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
-    t_start = time.perf_counter()
-    calib = pretrain(out + "-calib", 1000, "--stop_after", "10", "--log_every", "5", "--val_split", "")
-    img_s = [r for r in calib if "images_per_s" in r][-1]["images_per_s"]  # last interval: the loader warm
-    steps = steps_left(t_start, img_s, batch, args)
-    print(f"{name}: calibration {img_s:.1f} img/s -> {steps} steps", flush=True)
+    if steps is None:
+        calib = pretrain(out + "-calib", 1000, "--stop_after", "10", "--log_every", "5", "--val_split", "")
+        return dict(img_s=[r for r in calib if "images_per_s" in r][-1]["images_per_s"], batch=batch)  # the
+        # last interval's: the loader warm
     records = pretrain(out, steps, "--log_every", "20")
     trained = [r for r in records if "loss" in r]
-    return dict(steps=math.prod(schedule(steps, batch, args)), img_s=img_s, pretrain_min=(time.perf_counter() - t_start) / 60,
-                loss=trained[-1]["loss"], online=[r["probe_acc"] for r in records if "probe_acc" in r],
+    return dict(steps=math.prod(schedule(steps, batch, args)), loss=trained[-1]["loss"],
+                online=[r["probe_acc"] for r in records if "probe_acc" in r],
                 backbone=["--checkpoint", os.path.join(out, "ckpt.pt")], flags=" ".join(flags))
 
 
 # ---- the official minimal example's recipe, re-implemented ------------------------------------------------
-def official(out: str, args) -> dict:
+def official(out: str, args, extra=(), steps=None) -> dict:
+    """Without steps: 12 steps on weights thrown away after, their img/s. With steps: the run, that long."""
     import timm
     import torch
     import torch.nn as nn
@@ -139,7 +142,8 @@ def official(out: str, args) -> dict:
     sys.path.insert(0, ROOT)
     from sigreg import SIGReg  # the same statistic as the example's: 17 knots on [0, 3], fresh slices per step
 
-    t_start = time.perf_counter()
+    if extra:
+        sys.exit(f"error: the official run takes no flags: {extra}")
     if args.threads:
         torch.set_num_threads(args.threads)
     V, batch, lamb, lr, mean, std = 4, args.official_batch, 0.02, 2e-3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -176,19 +180,13 @@ def official(out: str, args) -> dict:
         opt.step()
         return lejepa
 
-    batches = (b for _ in range(12) for b in loader)  # calibration: 12 steps, timed over the last 10, on
-    # weights thrown away after
-    saved = [m.state_dict() for m in (net, probe)], opt.state_dict()
-    for i in range(12):
-        if i == 2:
-            t0 = time.perf_counter()
-        step(*next(batches))
-    img_s = 10 * batch / (time.perf_counter() - t0)
-    for m, s in zip((net, probe), saved[0]):
-        m.load_state_dict(s)
-    opt.load_state_dict(saved[1])
-    steps = steps_left(t_start, img_s, batch, args)
-    print(f"official: calibration {img_s:.1f} img/s -> {steps} steps", flush=True)
+    if steps is None:  # calibration: 12 steps, timed over the last 10
+        batches = (b for _ in range(12) for b in loader)
+        for i in range(12):
+            if i == 2:
+                t0 = time.perf_counter()
+            step(*next(batches))
+        return dict(img_s=10 * batch / (time.perf_counter() - t0), batch=batch)
     epochs, per_epoch = schedule(steps, batch, args)
     total, warmup = epochs * per_epoch, per_epoch  # the example warms up for one epoch
     if total <= warmup:
@@ -211,8 +209,11 @@ def official(out: str, args) -> dict:
     state = {"backbone." + k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     torch.save(dict(model=state, config=dict(model=args.model, global_size=args.size)),
                os.path.join(out, "ckpt.pt"))  # linear_probe.py reads the pooled embedding, as for ours
-    return dict(steps=total, img_s=img_s, pretrain_min=(time.perf_counter() - t_start) / 60,
-                loss=loss.item(), online=online, backbone=["--checkpoint", os.path.join(out, "ckpt.pt")])
+    return dict(steps=total, loss=loss.item(), online=online, backbone=["--checkpoint", os.path.join(out, "ckpt.pt")])
+
+
+def pretrained(name: str, out: str, args, extra: list, steps=None) -> dict:
+    return official(out, args, extra, steps) if name == "official" else ours(name, out, args, extra, steps)
 
 
 # ---- probes, results ---------------------------------------------------------------------------------------
@@ -257,22 +258,37 @@ def main(args):
         with tarfile.open(args.archive) as tar:
             tar.extractall(args.root, filter="data")
     os.makedirs(args.out_dir, exist_ok=True)
-    for name in args.runs:
-        tag = f"{name}{'-' + args.tag if args.tag else ''}-s{args.seed}-{args.budget_min:g}min"
-        out = os.path.join(args.out_dir, tag)
+    runs = {}  # spec -> (name, its extra flags, out dir); a spec: NAME or NAME,--flag=value,... (an ablation)
+    for spec in args.runs:
+        name, *extra = spec.split(",")
+        if name not in ("official", "pixels", "random", *RECIPES):
+            sys.exit(f"error: unknown run {name!r}: official, pixels, random or one of {sorted(RECIPES)}")
+        tag = f"{'-' + args.tag if args.tag else ''}{''.join(extra).replace('--', '-').replace('=', '')}"
+        runs[spec] = name, extra, os.path.join(args.out_dir, f"{name}{tag}-s{args.seed}-{args.budget_min:g}min")
+    # every trained run calibrates before any trains, back to back: this VM's speed drifts by a quarter within
+    # hours, so runs calibrated apart would split the budget by the hour, not by the recipe
+    plans = {}
+    for spec, (name, extra, out) in runs.items():
+        if name in ("pixels", "random"):
+            continue
+        t0 = time.perf_counter()
+        os.makedirs(out, exist_ok=True)
+        c = pretrained(name, out, args, extra)
+        plans[spec] = c | dict(steps=steps_left(time.perf_counter() - t0, c["img_s"], c["batch"], args))
+        print(f"{spec}: calibration {c['img_s']:.1f} img/s -> {plans[spec]['steps']} steps", flush=True)
+    for spec, (name, extra, out) in runs.items():
         if name == "pixels":
             r = dict(backbone=["--model", "pixels"])
         elif name == "random":
             r = dict(backbone=["--model", args.model, "--seed", str(args.seed)])
-        elif name == "official":
-            os.makedirs(out, exist_ok=True)
-            r = official(out, args)
-        elif name in RECIPES:
-            r = ours(name, out, args)
         else:
-            sys.exit(f"error: unknown run {name!r}: official, pixels, random or one of {sorted(RECIPES)}")
+            t0, steps = time.perf_counter(), plans[spec]["steps"]
+            r = pretrained(name, out, args, extra, steps)
+            r |= dict(img_s=plans[spec]["img_s"], pretrain_min=(time.perf_counter() - t0) / 60)
+        tag = os.path.basename(out)
         r |= probe(tag, r.pop("backbone"), args)
-        r |= dict(name=name, tag=args.tag, seed=args.seed, budget_min=args.budget_min, model=args.model)
+        r |= dict(name=name, tag=" ".join([args.tag, *extra]).strip(), seed=args.seed, budget_min=args.budget_min,
+                  model=args.model)
         print(json.dumps(r), flush=True)
         with open(results, "a") as f:
             f.write(json.dumps(r) + "\n")

@@ -42,8 +42,9 @@ def test_multicrop_bench(tmp_path):
 
 def test_quality_bench_side_by_side(tmp_path):
     """The side-by-side bench end to end on a tiny CIFAR-like folder (10 classes of 32 px JPEGs): the official
-    example's recipe and minimal_vit_inet.py's small-image recipe, each probed by linear_probe.py, one line
-    each in results.jsonl and in the table."""
+    example's recipe and minimal_vit_inet.py's small-image recipe with one ablation's difference, both
+    calibrated before either trains, each probed by linear_probe.py, one line each in results.jsonl and the
+    table."""
     rng = np.random.default_rng(0)
     for split, n in (("train", 8), ("test", 3)):
         for c in range(10):
@@ -51,11 +52,15 @@ def test_quality_bench_side_by_side(tmp_path):
             for i in range(n):
                 pixels = rng.integers(0, 256, (32, 32, 3)) // 2 + 12 * c  # a class-dependent tint
                 Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "data" / split / f"c{c}" / f"{i}.jpg")
-    out = bench("quality_cifar10.py", "--budget_min", 0.05, "--runs", "official", "small", "--root",
+    out = bench("quality_cifar10.py", "--budget_min", 0.05, "--runs", "official", "small,--lamb=0.02", "--root",
                 tmp_path / "data", "--out_dir", tmp_path / "out", "--epoch_images", 80, "--official_batch", 16,
                 "--flags=--batch_size 16 --proj_hidden 64 --num_slices 32", "--shots", "all", "--threads", 1)
     rows = [json.loads(line) for line in open(tmp_path / "out" / "results.jsonl")]
-    assert [r["name"] for r in rows] == ["official", "small"]
+    assert [(r["name"], r["tag"]) for r in rows] == [("official", ""), ("small", "--lamb=0.02")]
+    assert rows[1]["flags"].endswith("--lamb=0.02")
+    lines = out.splitlines()  # both calibrations come before the first run that trains
+    trains = [i for i, line in enumerate(lines) if "--log_every 20" in line or "official: epoch" in line]
+    assert max(i for i, line in enumerate(lines) if "calibration" in line) < min(trains)
     assert all(0 <= r[k] <= 100 for r in rows for k in ("linear", "knn"))
     assert len(rows[0]["online"]) == len(rows[1]["online"]) >= 1  # both evaluate after each epoch
-    assert "| official |" in out and "| small |" in out
+    assert "| official |" in out and "| small --lamb=0.02 |" in out
