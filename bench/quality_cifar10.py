@@ -119,8 +119,8 @@ def ours(name: str, out: str, args, extra=(), steps=None) -> dict:
 
     if steps is None:
         calib = pretrain(out + "-calib", 1000, "--stop_after", "10", "--log_every", "5", "--val_split", "")
-        return dict(img_s=[r for r in calib if "images_per_s" in r][-1]["images_per_s"], batch=batch)  # the
-        # last interval's: the loader warm
+        img_s = [r for r in calib if "images_per_s" in r][-1]["images_per_s"]  # last interval: the loader warm
+        return dict(img_s=img_s, batch=batch)
     records = pretrain(out, steps, "--log_every", "20")
     trained = [r for r in records if "loss" in r]
     return dict(steps=math.prod(schedule(steps, batch, args)), loss=trained[-1]["loss"],
@@ -142,8 +142,6 @@ def official(out: str, args, extra=(), steps=None) -> dict:
     sys.path.insert(0, ROOT)
     from sigreg import SIGReg  # the same statistic as the example's: 17 knots on [0, 3], fresh slices per step
 
-    if extra:
-        sys.exit(f"error: the official run takes no flags: {extra}")
     if args.threads:
         torch.set_num_threads(args.threads)
     V, batch, lamb, lr, mean, std = 4, args.official_batch, 0.02, 2e-3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -209,7 +207,8 @@ def official(out: str, args, extra=(), steps=None) -> dict:
     state = {"backbone." + k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     torch.save(dict(model=state, config=dict(model=args.model, global_size=args.size)),
                os.path.join(out, "ckpt.pt"))  # linear_probe.py reads the pooled embedding, as for ours
-    return dict(steps=total, loss=loss.item(), online=online, backbone=["--checkpoint", os.path.join(out, "ckpt.pt")])
+    return dict(steps=total, loss=loss.item(), online=online,
+                backbone=["--checkpoint", os.path.join(out, "ckpt.pt")])
 
 
 def pretrained(name: str, out: str, args, extra: list, steps=None) -> dict:
@@ -263,6 +262,8 @@ def main(args):
         name, *extra = spec.split(",")
         if name not in ("official", "pixels", "random", *RECIPES):
             sys.exit(f"error: unknown run {name!r}: official, pixels, random or one of {sorted(RECIPES)}")
+        if extra and name not in RECIPES:
+            sys.exit(f"error: {spec!r}: only minimal_vit_inet.py's runs ({sorted(RECIPES)}) take flags")
         tag = f"{'-' + args.tag if args.tag else ''}{''.join(extra).replace('--', '-').replace('=', '')}"
         runs[spec] = name, extra, os.path.join(args.out_dir, f"{name}{tag}-s{args.seed}-{args.budget_min:g}min")
     # every trained run calibrates before any trains, back to back: this VM's speed drifts by a quarter within
