@@ -205,6 +205,7 @@ def official(out: str, args, extra=(), steps=None) -> dict:
         online.append(correct / len(test_ds))
         print(f"official: epoch {epoch} | loss {loss.item():.4f} | online probe {online[-1]:.4f}", flush=True)
     state = {"backbone." + k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+    os.makedirs(out, exist_ok=True)
     torch.save(dict(model=state, config=dict(model=args.model, global_size=args.size)),
                os.path.join(out, "ckpt.pt"))  # linear_probe.py reads the pooled embedding, as for ours
     return dict(steps=total, loss=loss.item(), online=online,
@@ -273,7 +274,6 @@ def main(args):
         if name in ("pixels", "random"):
             continue
         t0 = time.perf_counter()
-        os.makedirs(out, exist_ok=True)
         c = pretrained(name, out, args, extra)
         plans[spec] = c | dict(steps=steps_left(time.perf_counter() - t0, c["img_s"], c["batch"], args))
         print(f"{spec}: calibration {c['img_s']:.1f} img/s -> {plans[spec]['steps']} steps", flush=True)
@@ -286,8 +286,7 @@ def main(args):
             t0, steps = time.perf_counter(), plans[spec]["steps"]
             r = pretrained(name, out, args, extra, steps)
             r |= dict(img_s=plans[spec]["img_s"], pretrain_min=(time.perf_counter() - t0) / 60)
-        tag = os.path.basename(out)
-        r |= probe(tag, r.pop("backbone"), args)
+        r |= probe(os.path.basename(out), r.pop("backbone"), args)
         r |= dict(name=name, tag=" ".join([args.tag, *extra]).strip(), seed=args.seed, budget_min=args.budget_min,
                   model=args.model)
         print(json.dumps(r), flush=True)
