@@ -7,7 +7,7 @@ LeJEPA (Balestriero & LeCun, arXiv 2511.08544): no teacher, no stop-gradient, no
     loss = (1 - lambda) * invariance + lambda * SIGReg,      lambda = 0.05
 
 Reading order: Config | 1. views | 2. model | 3. loss | 4. optimiser, schedule | 5. training step | 6. main;
-then the plumbing. Measured (README): the official recipe's step on an H100; CIFAR-10 on an H100 and a CPU.
+then the colour ops (torchvision's math) and the plumbing. Measured: README (an H100's step, CIFAR-10).
 
     python minimal_vit_inet.py --model vit_small_patch16_224 --local_size 96  # one GPU, or the CPU
     torchrun --nproc_per_node=8 minimal_vit_inet.py  # one node: the official recipe (batch 512 = 8 x 64)
@@ -134,8 +134,8 @@ class MultiCrop:
 
 
 def colour_augment(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
-    """uint8 views (N, 3, H, W), draws (N, 11) -> float32, augmented as torchvision, image by image, and
-    normalised. Every op runs on all images; torch.where keeps it where drawn: static shapes, no host sync."""
+    """uint8 views (N, 3, H, W), draws (N, 11) -> float32, augmented as torchvision (its math: the ops after
+    main), image by image, normalised. Every op runs on all images; torch.where keeps it where drawn."""
     x = x / 255  # uint8 -> float32 in [0, 1]
     *order, brightness, contrast, saturation, hue, gray, sigma, solarize = colour.T.reshape(11, -1, 1, 1, 1)
     jitter = [(adjust_brightness, brightness), (adjust_contrast, contrast), (adjust_saturation, saturation),
@@ -148,51 +148,6 @@ def colour_augment(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
     x = torch.where(sigma > 0, gaussian_blur(x, sigma.flatten()), x)
     x = torch.where((solarize > 0) & (x >= 128 / 255), 1 - x, x)  # solarize at 128 of 255
     return normalize(x, scale=1.0)  # ImageNet's mean and std
-
-
-# ColorJitter's ops with torchvision's math, a factor per image: x (N, 3, H, W) in [0, 1], factor (N, 1, 1, 1)
-def adjust_brightness(x, factor):  # blend with black
-    return (x * factor).clamp(0, 1)
-
-
-def adjust_contrast(x, factor):  # blend with the mean grey: lerp(mean, x, f) = f x + (1 - f) mean
-    return torch.lerp(grayscale(x).mean((1, 2, 3), keepdim=True), x, factor).clamp(0, 1)
-
-
-def adjust_saturation(x, factor):  # blend with the grey image
-    return torch.lerp(grayscale(x), x, factor).clamp(0, 1)
-
-
-def adjust_hue(x, shift):
-    """torchvision's adjust_hue (RGB -> HSV, the hue turned by `shift` turns, HSV -> RGB) in closed form. With
-    v = max, delta = max - min (= v s) and the hue h in sixths of a turn (0 red, 2 green, 4 blue),
-        RGB -> HSV: h = (g - b) / delta if r is the max, (b - r) / delta + 2 if g, (r - g) / delta + 4 if b;
-        turn:       h = h + 6 shift;
-        HSV -> RGB: channel n (r: 5, g: 3, b: 1) = v - delta clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6.
-    A grey pixel (delta 0) has no hue and stays as it is (the clamp is multiplied by 0)."""
-    v, top = x.max(1, keepdim=True)  # (N, 1, H, W): the max and its channel (tied channels give the same h)
-    delta = v - x.amin(1, keepdim=True)
-    diff = x.roll(-1, 1) - x.roll(-2, 1)  # (g - b, b - r, r - g): h's numerator for a max in r, g, b
-    h = (diff / delta.clamp(min=1e-12) + channel_constant((0.0, 2, 4), x.device)).gather(1, top)
-    k = (h + 6 * shift + channel_constant((5.0, 3, 1), x.device)) % 6  # (N, 3, H, W)
-    return v - delta * torch.minimum(k, 4 - k).clamp(0, 1)
-
-
-def grayscale(x):  # (N, 3, H, W) -> (N, 1, H, W), ITU-R 601-2 luma as torchvision
-    return (x * channel_constant((0.2989, 0.587, 0.114), x.device)).sum(1, keepdim=True)
-
-
-def gaussian_blur(x, sigma, size=23):
-    """Per-image Gaussian blur with reflect padding, `size` taps as the official recipe's GaussianBlur (fewer
-    when the view is smaller); sigma 0 gives a delta kernel: the image as is. x (N, C, H, W), sigma (N,)."""
-    N, C, H, W = x.shape
-    half = min(size // 2, H - 1, W - 1)  # reflect padding needs half < the side
-    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma.clamp(min=1e-3)[:, None]) ** 2)  # sigma 1e-3: exactly (..., 0, 1, 0, ...)
-    k = (k / k.sum(1, keepdim=True)).repeat(1, C).view(N * C, 1, 1, -1)  # a kernel per image and channel
-    x = F.pad(x.reshape(1, N * C, H, W), (half,) * 4, mode="reflect")
-    x = F.conv2d(x, k, groups=N * C)  # separable: rows, then columns
-    return F.conv2d(x, k.view(N * C, 1, -1, 1), groups=N * C).view(N, C, H, W)
 
 
 # ---- 2. Model: timm backbone -> embedding (the probe reads it) -> projector (the loss reads it) ----
@@ -374,6 +329,51 @@ def log_step(cfg, step, epoch, terms, optimizer, nonfinite, bar, log) -> str:
         log(dict(step=step, epoch=epoch, loss=loss, invariance=inv, sigreg=sig, probe_loss=probe_loss, lr=lr,
                  images_per_s=images_per_s))
     return "SIGTERM" if sigterm else "--stop_after" if step == cfg.stop_after else ""
+
+
+# ---- colour_augment's ops (1. views), torchvision's math: x (N, 3, H, W) in [0, 1], a factor per image ----
+def adjust_brightness(x, factor):  # blend with black
+    return (x * factor).clamp(0, 1)
+
+
+def adjust_contrast(x, factor):  # blend with the mean grey: lerp(mean, x, f) = f x + (1 - f) mean
+    return torch.lerp(grayscale(x).mean((1, 2, 3), keepdim=True), x, factor).clamp(0, 1)
+
+
+def adjust_saturation(x, factor):  # blend with the grey image
+    return torch.lerp(grayscale(x), x, factor).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """torchvision's adjust_hue (RGB -> HSV, the hue turned by `shift` turns, HSV -> RGB) in closed form. With
+    v = max, delta = max - min (= v s) and the hue h in sixths of a turn (0 red, 2 green, 4 blue),
+        RGB -> HSV: h = (g - b) / delta if r is the max, (b - r) / delta + 2 if g, (r - g) / delta + 4 if b;
+        turn:       h = h + 6 shift;
+        HSV -> RGB: channel n (r: 5, g: 3, b: 1) = v - delta clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6.
+    A grey pixel (delta 0) has no hue and stays as it is (the clamp is multiplied by 0)."""
+    v, top = x.max(1, keepdim=True)  # (N, 1, H, W): the max and its channel (tied channels give the same h)
+    delta = v - x.amin(1, keepdim=True)
+    diff = x.roll(-1, 1) - x.roll(-2, 1)  # (g - b, b - r, r - g): h's numerator for a max in r, g, b
+    h = (diff / delta.clamp(min=1e-12) + channel_constant((0.0, 2, 4), x.device)).gather(1, top)
+    k = (h + 6 * shift + channel_constant((5.0, 3, 1), x.device)) % 6  # (N, 3, H, W)
+    return v - delta * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def grayscale(x):  # (N, 3, H, W) -> (N, 1, H, W), ITU-R 601-2 luma as torchvision
+    return (x * channel_constant((0.2989, 0.587, 0.114), x.device)).sum(1, keepdim=True)
+
+
+def gaussian_blur(x, sigma, size=23):
+    """Per-image Gaussian blur with reflect padding, `size` taps as the official recipe's GaussianBlur (fewer
+    when the view is smaller); sigma 0 gives a delta kernel: the image as is. x (N, C, H, W), sigma (N,)."""
+    N, C, H, W = x.shape
+    half = min(size // 2, H - 1, W - 1)  # reflect padding needs half < the side
+    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma.clamp(min=1e-3)[:, None]) ** 2)  # sigma 1e-3: exactly (..., 0, 1, 0, ...)
+    k = (k / k.sum(1, keepdim=True)).repeat(1, C).view(N * C, 1, 1, -1)  # a kernel per image and channel
+    x = F.pad(x.reshape(1, N * C, H, W), (half,) * 4, mode="reflect")
+    x = F.conv2d(x, k, groups=N * C)  # separable: rows, then columns
+    return F.conv2d(x, k.view(N * C, 1, -1, 1), groups=N * C).view(N, C, H, W)
 
 
 # ==== Plumbing: the command line, processes and faults, data, checkpoints, logs, export ====
