@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -267,7 +268,8 @@ def main(args):
             sys.exit(f"error: unknown run {name!r}: official, pixels, random or one of {sorted(RECIPES)}")
         if extra and name not in RECIPES:
             sys.exit(f"error: {spec!r}: only minimal_vit_inet.py's runs ({sorted(RECIPES)}) take flags")
-        tag = f"{'-' + args.tag if args.tag else ''}{''.join(extra).replace('--', '-').replace('=', '')}"
+        # the out dir's name: letters, digits, '.', '_' and '-' of the tag and the flags ({"output_stride": 16}...)
+        tag = re.sub(r"[^\w.-]", "", f"{'-' + args.tag if args.tag else ''}{'-'.join(extra).replace('--', '-')}")
         runs[spec] = name, extra, os.path.join(args.out_dir, f"{name}{tag}-s{args.seed}-{args.budget_min:g}min")
     # every trained run calibrates before any trains, back to back: this VM's speed drifts by a quarter within
     # hours, so runs calibrated apart would split the budget by the hour, not by the recipe
