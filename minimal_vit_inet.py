@@ -422,7 +422,7 @@ def flag(text: str) -> bool:  # --field true / false; a typo is refused, not rea
     return text.lower() in ("true", "1", "yes")
 
 
-def patch_size(model: str, timm_args: dict = {}) -> int:
+def patch_size(model: str, timm_args: dict) -> int:
     """A ViT's patch size in px (1: a convnet, or unknown), built on the meta device: no memory, 0.1 s."""
     try:
         with torch.device("meta"):

@@ -253,15 +253,9 @@ def main(args):
     results = os.path.join(args.out_dir, "results.jsonl")
     if args.table:
         return table(results)
-    if not os.path.isdir(os.path.join(args.root, "test")):
-        if not os.path.exists(args.archive):
-            print(f"skipped: {args.archive} not found (CIFAR-10 as JPEGs: train/<class>/*.jpg, test/...)")
-            return
-        os.makedirs(args.root, exist_ok=True)
-        with tarfile.open(args.archive) as tar:
-            tar.extractall(args.root, filter="data")
-    os.makedirs(args.out_dir, exist_ok=True)
     runs = {}  # spec -> (name, its extra flags, out dir); a spec: NAME or NAME,--flag=value,... (an ablation)
+    if len(set(args.runs)) < len(args.runs):  # a spec given twice would run once: the runs share an out dir
+        sys.exit(f"error: a run given twice in --runs {' '.join(args.runs)}; a second seed is another --seed")
     for spec in args.runs:
         name, *extra = spec.split(",")
         if name not in ("official", "pixels", "random", *RECIPES):
@@ -271,6 +265,14 @@ def main(args):
         # the out dir's name: letters, digits, '.', '_' and '-' of the tag and the flags ({"output_stride": 16}...)
         tag = re.sub(r"[^\w.-]", "", f"{'-' + args.tag if args.tag else ''}{'-'.join(extra).replace('--', '-')}")
         runs[spec] = name, extra, os.path.join(args.out_dir, f"{name}{tag}-s{args.seed}-{args.budget_min:g}min")
+    if not os.path.isdir(os.path.join(args.root, "test")):
+        if not os.path.exists(args.archive):
+            print(f"skipped: {args.archive} not found (CIFAR-10 as JPEGs: train/<class>/*.jpg, test/...)")
+            return
+        os.makedirs(args.root, exist_ok=True)
+        with tarfile.open(args.archive) as tar:
+            tar.extractall(args.root, filter="data")
+    os.makedirs(args.out_dir, exist_ok=True)
     # every trained run calibrates before any trains, back to back: this VM's speed drifts by a quarter within
     # hours, so runs calibrated apart would split the budget by the hour, not by the recipe
     plans = {}

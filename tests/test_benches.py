@@ -64,3 +64,14 @@ def test_quality_bench_side_by_side(tmp_path):
     assert all(0 <= r[k] <= 100 for r in rows for k in ("linear", "knn"))
     assert len(rows[0]["online"]) == len(rows[1]["online"]) >= 1  # both evaluate after each epoch
     assert "| official |" in out and "| small --lamb=0.02 |" in out
+
+
+def test_quality_bench_refuses_bad_run_specs_before_any_work(tmp_path):
+    """A spec given twice (it would run once) or flags on a run that takes none: one line, before the data is
+    extracted or anything calibrates (the archive here does not exist: nothing else could have run)."""
+    for runs, says in ((["small", "small"], "a run given twice"), (["official,--lr=1"], "take flags")):
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "quality_cifar10.py"), "--runs", *runs, "--root",
+                            str(tmp_path / "none"), "--archive", str(tmp_path / "none.tar.gz"), "--out_dir",
+                            str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "out").exists() and "skipped" not in r.stdout

@@ -568,9 +568,9 @@ def test_a_short_run_gets_a_warm_up_of_a_tenth_of_it():
 def test_patch_size_of_timm_families():
     """Read from the model built on the meta device: a tuple, an int (XCiT), none (convnets, CrossViT's list of
     two embeddings, MViTv2): 1 when it cannot be told, so the check never refuses a model that could run."""
-    sizes = {name: mvi.patch_size(name) for name in ("vit_large_patch14_224", "deit_small_patch16_224",
-                                                     "xcit_nano_12_p16_224", "resnet18", "crossvit_tiny_240",
-                                                     "mvitv2_tiny")}
+    sizes = {name: mvi.patch_size(name, {}) for name in ("vit_large_patch14_224", "deit_small_patch16_224",
+                                                         "xcit_nano_12_p16_224", "resnet18", "crossvit_tiny_240",
+                                                         "mvitv2_tiny")}
     assert sizes == {"vit_large_patch14_224": 14, "deit_small_patch16_224": 16, "xcit_nano_12_p16_224": 16,
                      "resnet18": 1, "crossvit_tiny_240": 1, "mvitv2_tiny": 1}
 
