@@ -7,7 +7,7 @@ LeJEPA (Balestriero & LeCun, arXiv 2511.08544): no teacher, no stop-gradient, no
     loss = (1 - lambda) * invariance + lambda * SIGReg,      lambda = 0.05
 
 Reading order: Config | 1. views | 2. model | 3. loss | 4. optimiser, schedule | 5. training step | 6. main;
-then the colour ops (torchvision's math) and the plumbing. Measured: README (an H100's step, CIFAR-10).
+then the colour ops (torchvision's math), the plumbing. Measured (README): an H100 step; CIFAR-10, GPU, CPU.
 
     python minimal_vit_inet.py --model vit_small_patch16_224 --local_size 96  # one GPU, or the CPU
     torchrun --nproc_per_node=8 minimal_vit_inet.py  # one node: the official recipe (batch 512 = 8 x 64)
@@ -134,8 +134,8 @@ class MultiCrop:
 
 
 def colour_augment(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
-    """uint8 views (N, 3, H, W), draws (N, 11) -> float32, augmented as torchvision (its math: the ops after
-    main), image by image, normalised. Every op runs on all images; torch.where keeps it where drawn."""
+    """uint8 views (N, 3, H, W), draws (N, 11) -> float32, augmented as torchvision image by image (its ops
+    follow main), normalised. Every op runs on all images; torch.where keeps it where drawn: no host sync."""
     x = x / 255  # uint8 -> float32 in [0, 1]
     *order, brightness, contrast, saturation, hue, gray, sigma, solarize = colour.T.reshape(11, -1, 1, 1, 1)
     jitter = [(adjust_brightness, brightness), (adjust_contrast, contrast), (adjust_saturation, saturation),
@@ -331,7 +331,7 @@ def log_step(cfg, step, epoch, terms, optimizer, nonfinite, bar, log) -> str:
     return "SIGTERM" if sigterm else "--stop_after" if step == cfg.stop_after else ""
 
 
-# ---- colour_augment's ops (1. views), torchvision's math: x (N, 3, H, W) in [0, 1], a factor per image ----
+# ---- colour_augment's ops (1. views), torchvision's math: x (N, 3, H, W) in [0, 1], factor (N, 1, 1, 1) ----
 def adjust_brightness(x, factor):  # blend with black
     return (x * factor).clamp(0, 1)
 

@@ -2,9 +2,9 @@
 minimal_vit_inet.py, the same backbone and data, every run probed by linear_probe.py.
 
 Each run pretrains for --budget_min minutes of wall-clock, on the CIFAR-10 JPEGs' train split: every run of
-one invocation first calibrates (10 to 30 steps time its img/s), back to back, so that one machine state
-sizes every schedule to fill what is left of its budget; then each trains; linear_probe.py then reports
-linear, k-NN and 10-shot linear top-1 on the test split (32 px centre view, LayerNorm + linear head).
+one invocation first calibrates (ours: steps 11 to 30 timed; the official's: 10), back to back, so that one
+machine state sizes every schedule to fill what is left of its budget; then each trains; linear_probe.py then
+reports linear, k-NN and 10-shot linear top-1 on the test split (32 px centre view, LayerNorm + linear head).
 Runs (--runs):
   official  the minimal example's recipe, written here from its published values (its code is not copied):
             V = 4 views of one size (crop scale 0.08-1), ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2,
@@ -119,11 +119,12 @@ def ours(name: str, out: str, args, extra=(), steps=None) -> dict:
         return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
     if steps is None:
-        # steps 10 to 30 (the loader warm), 2,560 images at batch 128 as the official's 10 steps at 256: timed
-        # over 5 steps, two calibrations of one recipe differed by 7%, and so did their runs' step counts
+        # steps 11 to 30 (the loader warm): 2,560 images at batch 128, as the official's 10 steps at 256
         calib = pretrain(out + "-calib", 1000, "--stop_after", "30", "--log_every", "10", "--val_split", "")
         rates = [r["images_per_s"] for r in calib if "images_per_s" in r and r["step"] > 10]
-        return dict(img_s=len(rates) / sum(1 / r for r in rates), batch=batch)  # equal intervals: harmonic
+        if len(rates) < 2:  # it ended early (a SIGTERM: a checkpoint and exit 0)
+            sys.exit(f"error: the calibration of {out} logged no img/s after step 10; see {out}-calib.log")
+        return dict(img_s=len(rates) / sum(1 / r for r in rates), batch=batch)  # images / time: 2 equal intervals
     records = pretrain(out, steps, "--log_every", "20")
     trained = [r for r in records if "loss" in r]
     return dict(steps=math.prod(schedule(steps, batch, args)), loss=trained[-1]["loss"],
@@ -254,17 +255,18 @@ def main(args):
     if args.table:
         return table(results)
     runs = {}  # spec -> (name, its extra flags, out dir); a spec: NAME or NAME,--flag=value,... (an ablation)
-    if len(set(args.runs)) < len(args.runs):  # a spec given twice would run once: the runs share an out dir
-        sys.exit(f"error: a run given twice in --runs {' '.join(args.runs)}; a second seed is another --seed")
     for spec in args.runs:
         name, *extra = spec.split(",")
         if name not in ("official", "pixels", "random", *RECIPES):
             sys.exit(f"error: unknown run {name!r}: official, pixels, random or one of {sorted(RECIPES)}")
         if extra and name not in RECIPES:
             sys.exit(f"error: {spec!r}: only minimal_vit_inet.py's runs ({sorted(RECIPES)}) take flags")
-        # the out dir's name: letters, digits, '.', '_' and '-' of the tag and the flags ({"output_stride": 16}...)
-        tag = re.sub(r"[^\w.-]", "", f"{'-' + args.tag if args.tag else ''}{'-'.join(extra).replace('--', '-')}")
-        runs[spec] = name, extra, os.path.join(args.out_dir, f"{name}{tag}-s{args.seed}-{args.budget_min:g}min")
+        # its folder: NAME-TAG-FLAGS-sSEED-BUDGETmin, letters, digits, '.', '_' and '-' only (no '=', '{', '"')
+        tag = "".join("-" + x.removeprefix("--") for x in [args.tag, *extra] if x)
+        out = os.path.join(args.out_dir, re.sub(r"[^\w.-]", "", f"{name}{tag}-s{args.seed}-{args.budget_min:g}min"))
+        if out in [o for *_, o in runs.values()]:  # the same spec twice, or two that name one folder
+            sys.exit(f"error: --runs {spec!r} would share {out} with an earlier run (a second seed: --seed)")
+        runs[spec] = name, extra, out
     if not os.path.isdir(os.path.join(args.root, "test")):
         if not os.path.exists(args.archive):
             print(f"skipped: {args.archive} not found (CIFAR-10 as JPEGs: train/<class>/*.jpg, test/...)")

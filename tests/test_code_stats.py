@@ -1,7 +1,7 @@
 """How the scripts read, as counts (issue #18, the minimal reference): in all three, no line over 110
 characters, no semicolons, no function over 50 lines, main() at most 60; minimal_vit_inet.py puts the method
-first (main ends by line 340, the plumbing after it); each file within its line count; README.md's first page
-at most 150 lines. bench/code_stats.py prints the same numbers beside the issue's targets."""
+first (main ends by line 300, the colour ops and the plumbing after it); each file within its line count;
+README.md's first page at most 150 lines. bench/code_stats.py prints the same numbers beside the issue's targets."""
 import sys
 from pathlib import Path
 
@@ -27,7 +27,8 @@ def test_scripts_read_in_one_sitting(script):
 
 
 def test_the_method_comes_first_and_sigreg_is_short():
-    assert code_stats.stats(str(ROOT / "minimal_vit_inet.py"))["main_ends"] <= 340
+    # issue #24 asks 340; the colour ops moved after main (a cold read: 523 lines, from 721) and this holds it
+    assert code_stats.stats(str(ROOT / "minimal_vit_inet.py"))["main_ends"] <= 300
     assert code_stats.stats(str(ROOT / "sigreg.py"))["code"] <= 60  # lines of code, docstring and comments aside
 
 
