@@ -123,7 +123,7 @@ def ours(name: str, out: str, args, extra=(), steps=None) -> dict:
         calib = pretrain(out + "-calib", 1000, "--stop_after", "30", "--log_every", "10", "--val_split", "")
         rates = [r["images_per_s"] for r in calib if "images_per_s" in r and r["step"] > 10]
         if len(rates) < 2:  # it ended early (a SIGTERM: a checkpoint and exit 0)
-            sys.exit(f"error: the calibration of {out} logged no img/s after step 10; see {out}-calib.log")
+            sys.exit(f"error: the calibration of {out} ended before step 30; see {out}-calib.log")
         return dict(img_s=len(rates) / sum(1 / r for r in rates), batch=batch)  # images / time: 2 equal intervals
     records = pretrain(out, steps, "--log_every", "20")
     trained = [r for r in records if "loss" in r]

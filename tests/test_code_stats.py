@@ -1,7 +1,8 @@
 """How the scripts read, as counts (issue #18, the minimal reference): in all three, no line over 110
 characters, no semicolons, no function over 50 lines, main() at most 60; minimal_vit_inet.py puts the method
 first (main ends by line 300, the colour ops and the plumbing after it); each file within its line count;
-README.md's first page at most 150 lines. bench/code_stats.py prints the same numbers beside the issue's targets."""
+README.md's first page at most 150 lines. bench/code_stats.py prints the same numbers beside the issue's
+targets."""
 import sys
 from pathlib import Path
 
