@@ -266,8 +266,8 @@ def main(cfg: Config):
     bar = tqdm(total=total, initial=start, disable=rank != 0 or not sys.stdout.isatty(), file=sys.stdout)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss: kept on the device
     step, stop, acc = start, "", None  # steps done; why the run stops early; the online probe's last top-1
-    # the loop ends at `total` (export), or after a log step that saw a SIGTERM or --stop_after (checkpoint,
-    # exit 0: resume later); a non-finite loss or weight ends all ranks in check_health (exit 1, no save)
+    # the loop ends at `total` (export), or after a log step that saw SIGTERM or --stop_after (checkpoint,
+    # exit 0: resume later); a non-finite loss or weight ends all ranks, check_health below (exit 1, no save)
     while step < total and not stop:
         epoch, offset = divmod(step, data.steps_per_epoch)
         if step == start or offset == 0:  # a resume mid-epoch, or a new epoch
@@ -329,6 +329,22 @@ def log_step(cfg, step, epoch, terms, optimizer, nonfinite, bar, log) -> str:
         log(dict(step=step, epoch=epoch, loss=loss, invariance=inv, sigreg=sig, probe_loss=probe_loss, lr=lr,
                  images_per_s=images_per_s))
     return "SIGTERM" if sigterm else "--stop_after" if step == cfg.stop_after else ""
+
+
+def check_health(cfg, nonfinite, step, model=None) -> bool:
+    """The one host sync of training (log steps, saves), all-reduced: every rank ends alike, in one line, if
+    any saw a non-finite loss or (given the model) weight, as a NaN gradient makes. True: a SIGTERM came."""
+    flags = [nonfinite, torch.full_like(nonfinite, STOP.is_set())]  # full, not tensor(): no host copy
+    if model is not None:
+        flags.append(~torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+    flags = torch.stack(flags).float()
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_loss, stop, *bad_weights = flags.tolist()
+    if bad_loss or any(bad_weights):
+        sys.exit(f"error: non-finite {'loss' if bad_loss else 'weights'} by step {step}; stopped, "
+                 f"{last_checkpoint(cfg)}")
+    return bool(stop)
 
 
 # ---- colour_augment's ops (1. views), torchvision's math: x (N, 3, H, W) in [0, 1], factor (N, 1, 1, 1) ----
@@ -543,22 +559,6 @@ def _worker_init(worker_id):
     signal.signal(signal.SIGTERM, lambda *_: signal.alarm(60))  # SIGALRM's default action ends the worker
     if hasattr(ctypes.CDLL(None), "prctl"):  # Linux; elsewhere DataLoader's own watchdog (a 5 s poll)
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG, a signal when the parent dies
-
-
-def check_health(cfg, nonfinite, step, model=None) -> bool:
-    """The one host sync of training (log steps, saves), all-reduced: every rank ends alike, in one line, if
-    any saw a non-finite loss or (given the model) weight, as a NaN gradient makes. True: a SIGTERM came."""
-    flags = [nonfinite, torch.full_like(nonfinite, STOP.is_set())]  # full, not tensor(): no host copy
-    if model is not None:
-        flags.append(~torch.stack([p.isfinite().all() for p in model.parameters()]).all())
-    flags = torch.stack(flags).float()
-    if dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad_loss, stop, *bad_weights = flags.tolist()
-    if bad_loss or any(bad_weights):
-        sys.exit(f"error: non-finite {'loss' if bad_loss else 'weights'} by step {step}; stopped, "
-                 f"{last_checkpoint(cfg)}")
-    return bool(stop)
 
 
 def seed_rank(seed: int, rank: int):
