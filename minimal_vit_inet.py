@@ -6,8 +6,8 @@ LeJEPA (Balestriero & LeCun, arXiv 2511.08544): no teacher, no stop-gradient, no
 
     loss = (1 - lambda) * invariance + lambda * SIGReg,      lambda = 0.05
 
-Reading order: Config | 1. views | 2. model | 3. loss | 4. optimiser, schedule | 5. training step | 6. main;
-then the colour ops (torchvision's math), the plumbing. Measured (README): an H100 step; CIFAR-10, GPU, CPU.
+Reading order: Config | 1. views | 2. model | 3. loss | 4. optimiser, schedule | 5. training step | 6. main,
+and what its loop calls; the colour ops (torchvision's math); the plumbing. Measured: README (H100, CPU).
 
     python minimal_vit_inet.py --model vit_small_patch16_224 --local_size 96  # one GPU, or the CPU
     torchrun --nproc_per_node=8 minimal_vit_inet.py  # one node: the official recipe (batch 512 = 8 x 64)
@@ -248,7 +248,7 @@ def train_step(model, optimizer, sigreg, batch, cfg, autocast, device) -> torch.
     return torch.stack([loss, inv, sig, probe_loss]).detach()
 
 
-# ---- 6. main: set up; the loop trains a step, then does what is due (log, probe, checkpoint, export) ----
+# ---- 6. main: set up; a loop that trains a step, then does what is due; then the functions it calls ----
 
 def main(cfg: Config):
     ddp, rank, world, device = setup_distributed()
@@ -345,6 +345,27 @@ def check_health(cfg, nonfinite, step, model=None) -> bool:
         sys.exit(f"error: non-finite {'loss' if bad_loss else 'weights'} by step {step}; stopped, "
                  f"{last_checkpoint(cfg)}")
     return bool(stop)
+
+
+def train_batches(cfg, views, epoch, skip, rank, world, steps_per_epoch):
+    """One epoch's batches on this rank, after the first `skip` (a resume mid-epoch: those are not read)."""
+    per_rank = cfg.batch_size // world
+    sampler = DistributedSampler(views.ds, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)  # a new permutation each epoch, the same on all ranks
+    order = list(sampler)[skip * per_rank: steps_per_epoch * per_rank]
+    yield from DataLoader(views, per_rank, sampler=[(epoch, i) for i in order], num_workers=cfg.workers,
+                          collate_fn=collate_views, pin_memory=torch.cuda.is_available(), drop_last=True,
+                          worker_init_fn=_worker_init)
+
+
+def collate_views(items):
+    """In the worker: [(views, label)] * N -> the batch train_step reads (its docstring shows the layout)."""
+    views, labels = zip(*items)
+    groups = {}  # view size -> [(pixels, colour)], view-major: the v-th view of every image, then the next
+    for same_view in zip(*views):
+        groups.setdefault(same_view[0][0].shape, []).extend(same_view)
+    stacked = [(torch.stack([p for p, _ in g]), torch.stack([c for _, c in g])) for g in groups.values()]
+    return stacked, torch.tensor(labels)
 
 
 # ---- colour_augment's ops (1. views), torchvision's math: x (N, 3, H, W) in [0, 1], factor (N, 1, 1, 1) ----
@@ -655,27 +676,6 @@ class ViewsDataset(torch.utils.data.Dataset):
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL: a bad file
                 sys.stderr.write(f"warning: skipped unreadable image #{j}: {err!r}\n")
         raise RuntimeError(f"100 unreadable images from #{i}: is --image_column {self.image_col!r} right?")
-
-
-def collate_views(items):
-    """In the worker: [(views, label)] * N -> the batch train_step reads (its docstring shows the layout)."""
-    views, labels = zip(*items)
-    groups = {}  # view size -> [(pixels, colour)], view-major: the v-th view of every image, then the next
-    for same_view in zip(*views):
-        groups.setdefault(same_view[0][0].shape, []).extend(same_view)
-    stacked = [(torch.stack([p for p, _ in g]), torch.stack([c for _, c in g])) for g in groups.values()]
-    return stacked, torch.tensor(labels)
-
-
-def train_batches(cfg, views, epoch, skip, rank, world, steps_per_epoch):
-    """One epoch's batches on this rank, after the first `skip` (a resume mid-epoch: those are not read)."""
-    per_rank = cfg.batch_size // world
-    sampler = DistributedSampler(views.ds, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    sampler.set_epoch(epoch)  # a new permutation each epoch, the same on all ranks
-    order = list(sampler)[skip * per_rank: steps_per_epoch * per_rank]
-    yield from DataLoader(views, per_rank, sampler=[(epoch, i) for i in order], num_workers=cfg.workers,
-                          collate_fn=collate_views, pin_memory=torch.cuda.is_available(), drop_last=True,
-                          worker_init_fn=_worker_init)
 
 
 def eval_transform(img: Image.Image, size: int = 224) -> torch.Tensor:
