@@ -347,6 +347,23 @@ def check_health(cfg, nonfinite, step, model=None) -> bool:
     return bool(stop)
 
 
+def save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite):
+    """out_dir/ckpt.pt by rank 0, once all is finite; a failed write (full disk) ends every rank alike."""
+    check_health(cfg, nonfinite, step, model)
+    error = [None]
+    if int(os.environ.get("RANK", 0)) == 0:
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), sigreg=sigreg.state_dict(),
+                     step=step, config=dataclasses.asdict(cfg))
+        try:
+            write_atomic(state, os.path.join(cfg.out_dir, "ckpt.pt"))
+        except SystemExit as err:
+            error = [f"{err.code}; {last_checkpoint(cfg)}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(error, src=0)  # the other ranks wait here for the outcome
+    if error[0]:
+        sys.exit(error[0])
+
+
 def train_batches(cfg, views, epoch, skip, rank, world, steps_per_epoch):
     """One epoch's batches on this rank, after the first `skip` (a resume mid-epoch: those are not read)."""
     per_rank = cfg.batch_size // world
@@ -712,24 +729,7 @@ def compiled(fn):  # --compile: fn compiled at its first use, one graph per inpu
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
-# --- Checkpoints: a plain dict, written atomically by rank 0; resume reads it back.
-
-def save_checkpoint(cfg, model, optimizer, sigreg, step, nonfinite):
-    """out_dir/ckpt.pt by rank 0, once all is finite; a failed write (full disk) ends every rank alike."""
-    check_health(cfg, nonfinite, step, model)
-    error = [None]
-    if int(os.environ.get("RANK", 0)) == 0:
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), sigreg=sigreg.state_dict(),
-                     step=step, config=dataclasses.asdict(cfg))
-        try:
-            write_atomic(state, os.path.join(cfg.out_dir, "ckpt.pt"))
-        except SystemExit as err:
-            error = [f"{err.code}; {last_checkpoint(cfg)}"]
-    if dist.is_initialized():
-        dist.broadcast_object_list(error, src=0)  # the other ranks wait here for the outcome
-    if error[0]:
-        sys.exit(error[0])
-
+# --- Checkpoints: a plain dict (save_checkpoint, after main) written atomically by rank 0; resume reads it.
 
 def write_atomic(obj, path: str):
     """torch.save to path.tmp, then a rename; a failed write (a full disk): path.tmp removed, one line."""
