@@ -375,6 +375,30 @@ def train_batches(cfg, views, epoch, skip, rank, world, steps_per_epoch):
                           worker_init_fn=_worker_init)
 
 
+class ViewsDataset(torch.utils.data.Dataset):
+    """Item (epoch, index) -> (views, label), seeded by (seed, epoch, index): alike for any worker count,
+    world size or resume point. A file that cannot be decoded gives way to the next readable one."""
+
+    def __init__(self, ds, image_col, label_col, transform, seed):
+        self.ds, self.image_col, self.label_col, self.transform = ds, image_col, label_col, transform
+        self.seed = seed
+
+    def __getitem__(self, key):
+        epoch, i = key
+        for j in range(i, i + 100):
+            j %= len(self.ds)
+            try:
+                row = self.ds[j]  # decodes the image, in a worker
+                seed = int(np.random.SeedSequence([self.seed, epoch, j]).generate_state(1)[0])
+                with torch.random.fork_rng(devices=[]):  # --workers 0: the main process's own draws go on
+                    torch.default_generator.manual_seed(seed)  # the CPU RNG, which MultiCrop draws from
+                    views = self.transform(row[self.image_col])
+                return views, (row[self.label_col] if self.label_col else -1)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL: a bad file
+                sys.stderr.write(f"warning: skipped unreadable image #{j}: {err!r}\n")
+        raise RuntimeError(f"100 unreadable images from #{i}: is --image_column {self.image_col!r} right?")
+
+
 def collate_views(items):
     """In the worker: [(views, label)] * N -> the batch train_step reads (its docstring shows the layout)."""
     views, labels = zip(*items)
@@ -669,30 +693,6 @@ def find_columns(ds, image_column: str = "", label_column: str = ""):
 def count_classes(ds, label_col) -> int:
     feature = ds.features.get(label_col)
     return feature.num_classes if isinstance(feature, datasets.ClassLabel) else int(max(ds[label_col])) + 1
-
-
-class ViewsDataset(torch.utils.data.Dataset):
-    """Item (epoch, index) -> (views, label), seeded by (seed, epoch, index): alike for any worker count,
-    world size or resume point. A file that cannot be decoded gives way to the next readable one."""
-
-    def __init__(self, ds, image_col, label_col, transform, seed):
-        self.ds, self.image_col, self.label_col, self.transform = ds, image_col, label_col, transform
-        self.seed = seed
-
-    def __getitem__(self, key):
-        epoch, i = key
-        for j in range(i, i + 100):
-            j %= len(self.ds)
-            try:
-                row = self.ds[j]  # decodes the image, in a worker
-                seed = int(np.random.SeedSequence([self.seed, epoch, j]).generate_state(1)[0])
-                with torch.random.fork_rng(devices=[]):  # --workers 0: the main process's own draws go on
-                    torch.default_generator.manual_seed(seed)  # the CPU RNG, which MultiCrop draws from
-                    views = self.transform(row[self.image_col])
-                return views, (row[self.label_col] if self.label_col else -1)
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL: a bad file
-                sys.stderr.write(f"warning: skipped unreadable image #{j}: {err!r}\n")
-        raise RuntimeError(f"100 unreadable images from #{i}: is --image_column {self.image_col!r} right?")
 
 
 def eval_transform(img: Image.Image, size: int = 224) -> torch.Tensor:
