@@ -2,8 +2,9 @@
 minimal_vit_inet.py, the same backbone and data, every run probed by linear_probe.py.
 
 Each run pretrains for --budget_min minutes of wall-clock, on the CIFAR-10 JPEGs' train split: every run of
-one invocation first calibrates (ours: steps 11 to 30 timed; the official's: 10), back to back, so that one
-machine state sizes every schedule to fill what is left of its budget; then each trains; linear_probe.py then
+one invocation first calibrates (a step's time, the start-up and end, an epoch end's evaluation and checkpoint),
+back to back, so that one machine state sizes every schedule to fill what is left of its budget with all the
+work the run does (calibration included; "min used" in the table); then each trains; linear_probe.py then
 reports linear, k-NN and 10-shot linear top-1 on the test split (32 px centre view, LayerNorm + linear head).
 Runs (--runs):
   official  the minimal example's recipe, written here from its published values (its code is not copied):
@@ -96,9 +97,19 @@ def schedule(steps: int, batch: int, args) -> tuple:
     return epochs, math.ceil(steps / epochs)
 
 
-def steps_left(spent_s: float, img_s: float, batch: int, args) -> int:
-    left_s = args.budget_min * 60 - spent_s - 20  # spent: start-up and calibration; 20 s: the last save
-    return max(10, int(left_s * img_s / batch))
+def steps_left(spent_s: float, plan: dict, args) -> int:
+    """The steps that fill what is left of the budget after the calibration (spent_s): the run's own start-up
+    and end (fixed_s), and an epoch end (epoch_s: the online probe's evaluation, ours' checkpoint) per epoch,
+    its last one included: both recipes pay for all the work they do in their own budget."""
+    def seconds(steps):  # the run as schedule() sizes it: its epochs, each ending in an evaluation
+        epochs, per_epoch = schedule(steps, plan["batch"], args)
+        return plan["fixed_s"] + epochs * (per_epoch * plan["batch"] / plan["img_s"] + plan["epoch_s"])
+
+    left_s = args.budget_min * 60 - spent_s
+    steps = int(left_s * plan["img_s"] / plan["batch"])  # steps alone, no start-up or epoch ends: too many
+    while steps > 10 and seconds(steps) > left_s:
+        steps -= 1
+    return max(10, steps)  # 10 at the least: a smoke run's budget holds no step
 
 
 # ---- minimal_vit_inet.py runs ----------------------------------------------------------------------------
@@ -119,12 +130,18 @@ def ours(name: str, out: str, args, extra=(), steps=None) -> dict:
         return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
     if steps is None:
-        # steps 11 to 30 (the loader warm): 2,560 images at batch 128, as the official's 10 steps at 256
-        calib = pretrain(out + "-calib", 1000, "--stop_after", "30", "--log_every", "10", "--val_split", "")
-        rates = [r["images_per_s"] for r in calib if "images_per_s" in r and r["step"] > 10]
-        if len(rates) < 2:  # it ended early (a SIGTERM: a checkpoint and exit 0)
-            sys.exit(f"error: the calibration of {out} ended before step 30; see {out}-calib.log")
-        return dict(img_s=len(rates) / sum(1 / r for r in rates), batch=batch)  # images / time: 2 equal intervals
+        # 40 steps in epochs of 30, logged every 10: steps 11 to 30 time the step (2,560 images at batch 128, as
+        # the official's 10 at 256); steps 31 to 40 also hold the epoch end at step 30 (evaluation, checkpoint)
+        t0 = time.perf_counter()
+        calib = pretrain(out + "-calib", 1000, "--stop_after", "40", "--log_every", "10", "--steps_per_epoch", "30")
+        logs = [dict(step=0)] + [r for r in calib if "images_per_s" in r]
+        seconds = {r["step"]: (r["step"] - prev["step"]) * batch / r["images_per_s"]  # each log interval's time
+                   for prev, r in zip(logs, logs[1:])}
+        if sorted(seconds) != [1, 10, 20, 30, 40]:  # it ended early (a SIGTERM: a checkpoint and exit 0)
+            sys.exit(f"error: the calibration of {out} ended before step 40; see {out}-calib.log")
+        step_s = (seconds[20] + seconds[30]) / 20
+        return dict(img_s=batch / step_s, batch=batch, epoch_s=max(0.0, seconds[40] - 10 * step_s),
+                    fixed_s=time.perf_counter() - t0 - sum(seconds.values()))  # start-up, the last save, exit
     records = pretrain(out, steps, "--log_every", "20")
     trained = [r for r in records if "loss" in r]
     return dict(steps=math.prod(schedule(steps, batch, args)), loss=trained[-1]["loss"],
@@ -134,7 +151,8 @@ def ours(name: str, out: str, args, extra=(), steps=None) -> dict:
 
 # ---- the official minimal example's recipe, re-implemented ------------------------------------------------
 def official(out: str, args, extra=(), steps=None) -> dict:
-    """Without steps: 12 steps on weights thrown away after, their img/s. With steps: the run, that long."""
+    """Without steps: 12 steps on weights thrown away after, and one evaluation. With steps: the run."""
+    t_enter = time.perf_counter()
     import timm
     import torch
     import torch.nn as nn
@@ -182,13 +200,23 @@ def official(out: str, args, extra=(), steps=None) -> dict:
         opt.step()
         return lejepa
 
-    if steps is None:  # calibration: 12 steps, timed over the last 10
+    def evaluate():  # the online probe's top-1 on the test split
+        net.eval(), probe.eval()
+        with torch.no_grad():
+            correct = sum((probe(backbone(x)).argmax(1) == y).sum().item() for x, y in test)
+        net.train(), probe.train()
+        return correct / len(test_ds)
+
+    if steps is None:  # calibration: 12 steps, timed over the last 10; one evaluation, as at an epoch's end
         batches = (b for _ in range(12) for b in loader)
         for i in range(12):
             if i == 2:
                 t0 = time.perf_counter()
             step(*next(batches))
-        return dict(img_s=10 * batch / (time.perf_counter() - t0), batch=batch)
+        step_s, t1 = (time.perf_counter() - t0) / 10, time.perf_counter()
+        evaluate()
+        return dict(img_s=batch / step_s, batch=batch, epoch_s=time.perf_counter() - t1,
+                    fixed_s=t0 - t_enter - 2 * step_s)  # set-up (the 2 untimed steps are the run's steps)
     epochs, per_epoch = schedule(steps, batch, args)
     total, warmup = epochs * per_epoch, per_epoch  # the example warms up for one epoch
     if total <= warmup:
@@ -199,14 +227,10 @@ def official(out: str, args, extra=(), steps=None) -> dict:
     sched = torch.optim.lr_scheduler.SequentialLR(opt, [s1, s2], milestones=[warmup])
     online = []
     for epoch in range(epochs):
-        net.train(), probe.train()
         for _, (vs, y) in zip(range(per_epoch), loader):
             loss = step(vs, y)
             sched.step()
-        net.eval(), probe.eval()
-        with torch.no_grad():
-            correct = sum((probe(backbone(x)).argmax(1) == y).sum().item() for x, y in test)
-        online.append(correct / len(test_ds))
+        online.append(evaluate())
         print(f"official: epoch {epoch} | loss {loss.item():.4f} | online probe {online[-1]:.4f}", flush=True)
     state = {"backbone." + k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     os.makedirs(out, exist_ok=True)
@@ -233,12 +257,13 @@ def probe(name: str, backbone: list, args) -> dict:
 
 def table(path: str):
     rows = [json.loads(line) for line in open(path)]
-    print("| run | seed | budget min | steps | img/s | linear | k-NN | 10-shot | online probe per epoch |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | seed | budget min | min used | steps | img/s | linear | k-NN | 10-shot | online probe per epoch |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         online = ", ".join(f"{100 * a:.1f}" for a in r.get("online", []))
         print(f"| {r['name']}{' ' + r['tag'] if r.get('tag') else ''} | {r['seed']} | {r['budget_min']:g} | "
-              f"{r.get('steps', '-')} | {r.get('img_s', 0):.0f} | {r['linear']:.2f} | {r['knn']:.2f} | "
+              f"{r.get('used_min', float('nan')):.1f} | {r.get('steps', '-')} | {r.get('img_s', 0):.0f} | "
+              f"{r['linear']:.2f} | {r['knn']:.2f} | "
               f"{r.get('10-shot', float('nan')):.2f} | {online} |")
     runs = {}  # the same run at the same budget over its seeds: the issue's targets are means of 2 seeds
     for r in rows:
@@ -283,8 +308,10 @@ def main(args):
             continue
         t0 = time.perf_counter()
         c = pretrained(name, out, args, extra)
-        plans[spec] = c | dict(steps=steps_left(time.perf_counter() - t0, c["img_s"], c["batch"], args))
-        print(f"{spec}: calibration {c['img_s']:.1f} img/s -> {plans[spec]['steps']} steps", flush=True)
+        c["spent_s"] = time.perf_counter() - t0
+        plans[spec] = c | dict(steps=steps_left(c["spent_s"], c, args))
+        print(f"{spec}: calibration {c['img_s']:.1f} img/s, start-up and end {c['fixed_s']:.0f} s, epoch end "
+              f"{c['epoch_s']:.1f} s -> {plans[spec]['steps']} steps", flush=True)
     for spec, (name, extra, out) in runs.items():
         if name == "pixels":
             r = dict(backbone=["--model", "pixels"])
@@ -294,6 +321,7 @@ def main(args):
             t0, steps = time.perf_counter(), plans[spec]["steps"]
             r = pretrained(name, out, args, extra, steps)
             r |= dict(img_s=plans[spec]["img_s"], pretrain_min=(time.perf_counter() - t0) / 60)
+            r["used_min"] = r["pretrain_min"] + plans[spec]["spent_s"] / 60  # calibration + run: the budget?
         r |= probe(os.path.basename(out), r.pop("backbone"), args)
         r |= dict(name=name, tag=" ".join([args.tag, *extra]).strip(), seed=args.seed, budget_min=args.budget_min,
                   model=args.model)
