@@ -98,9 +98,9 @@ def schedule(steps: int, batch: int, args) -> tuple:
 
 
 def steps_left(spent_s: float, plan: dict, args) -> int:
-    """The steps that fill what is left of the budget after the calibration (spent_s): the run's own start-up
-    and end (fixed_s), and an epoch end (epoch_s: the online probe's evaluation, ours' checkpoint) per epoch,
-    its last one included: both recipes pay for all the work they do in their own budget."""
+    """The steps that fill what is left of the budget after the calibration (spent_s), with the run's own
+    start-up and end (fixed_s) and an epoch end per epoch, its last one included (epoch_s: the online probe's
+    evaluation; ours also checkpoint): both recipes pay for all the work they do in their own budget."""
     def seconds(steps):  # the run as schedule() sizes it: its epochs, each ending in an evaluation
         epochs, per_epoch = schedule(steps, plan["batch"], args)
         return plan["fixed_s"] + epochs * (per_epoch * plan["batch"] / plan["img_s"] + plan["epoch_s"])
