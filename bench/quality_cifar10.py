@@ -321,7 +321,7 @@ def main(args):
             t0, steps = time.perf_counter(), plans[spec]["steps"]
             r = pretrained(name, out, args, extra, steps)
             r |= dict(img_s=plans[spec]["img_s"], pretrain_min=(time.perf_counter() - t0) / 60)
-            r["used_min"] = r["pretrain_min"] + plans[spec]["spent_s"] / 60  # calibration + run: the budget?
+            r["used_min"] = r["pretrain_min"] + plans[spec]["spent_s"] / 60  # calibration + run: the budget, if the plan held
         r |= probe(os.path.basename(out), r.pop("backbone"), args)
         r |= dict(name=name, tag=" ".join([args.tag, *extra]).strip(), seed=args.seed, budget_min=args.budget_min,
                   model=args.model)
