@@ -49,6 +49,8 @@ from tqdm import tqdm
 
 from sigreg import SIGReg
 
+load_builder = functools.cache(datasets.load_dataset_builder)  # once a run: each call globs every file
+
 
 @dataclasses.dataclass
 class Config:  # every field is a flag: --field value (bools: true / false)
@@ -198,8 +200,7 @@ def lr_at(step: int, total: int, warmup: int, lr: float, final_div: float = 1000
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
-    final = lr / final_div
-    return final + (lr - final) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr / final_div + (lr - lr / final_div) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_training(cfg: Config, num_classes: int, device: torch.device):
@@ -495,9 +496,7 @@ def parse_config(argv=None) -> Config:
 
 
 def flag(text: str) -> bool:  # --field true / false; a typo is refused, not read as false
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise ValueError(text)
-    return text.lower() in ("true", "1", "yes")
+    return bool(["false", "true", "0", "1", "no", "yes"].index(text.lower()) % 2)  # not in it: ValueError
 
 
 def patch_size(model: str, timm_args: dict) -> int:
@@ -658,8 +657,9 @@ def load_split(dataset: str, split: str, missing_ok: bool = False):
             if split not in ("train", str(ds.split)):
                 raise KeyError(split)
             return ds
-        num_proc = None if os.path.isdir(dataset) else os.cpu_count()
-        return datasets.load_dataset(dataset, split=split, num_proc=num_proc)  # a folder: its format inferred
+        builder = load_builder(dataset)  # a folder: its format inferred; a hub id: downloaded once
+        builder.download_and_prepare(num_proc=None if os.path.isdir(dataset) else os.cpu_count())
+        return builder.as_dataset(split=split)
     except (ValueError, KeyError, ConnectionError, FileNotFoundError) as err:  # incl. DatasetNotFoundError
         if missing_ok and (isinstance(err, KeyError) or "split" in str(err)):  # (KeyError: a saved folder's)
             return None
