@@ -45,7 +45,7 @@ TRAIN_IMAGES = 50_000
 # by the bench). "small" is the README's small-image command: the best measured so far (docs/recipe_cifar10.md).
 RECIPES = {
     "small": "--n_global 2 --n_local 4 --local_size 16 --batch_size 128 --proj_hidden 512 --lr 2e-3 "
-             "--warmup_epochs 0.1",
+             "--warmup_epochs 0.1 --final_lr_div 2",  # the cosine ends at lr / 2 (since 2026-12-05 19:00)
     # the official example's values as flags: the "official" run, but minimal_vit_inet.py's code path
     "official-flags": "--n_global 4 --n_local 0 --global_scale 0.08 1 --jitter 0.8 0.8 0.8 0.2 --lamb 0.02 "
                       "--proj_dim 16 --num_slices 256 --batch_size 256 --weight_decay 0.05 --lr 2e-3 "
