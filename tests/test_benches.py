@@ -40,6 +40,15 @@ def test_multicrop_bench(tmp_path):
     assert "4 photos" in out and "speed-up per core:" in out and "colour stage" in out
 
 
+def test_load_bench(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, c in [(s, c) for s in ("train", "test") for c in ("a", "b")]:
+        (tmp_path / split / c).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / split / c / "0.jpg")
+    out = bench("load_bench.py", "--dataset", tmp_path, "--rounds", 1)
+    assert "(split lengths [2, 2])" in out and "load_split / load_dataset per split = " in out
+
+
 def test_quality_bench_side_by_side(tmp_path):
     """The side-by-side bench end to end on a tiny CIFAR-like folder (10 classes of 32 px JPEGs): the official
     example's recipe and minimal_vit_inet.py's small-image recipe with one ablation's difference, both
