@@ -150,6 +150,8 @@ def test_a_resumed_wandb_run_shows_what_metrics_jsonl_holds(tmp_path, data):
     for rec in read_metrics(out):  # steps 1, 2 of the first session; 3 (the first after the resume) and 6
         jsonl.setdefault(rec["step"], {}).update(rec)
     assert sorted(jsonl) == [1, 2, 3, 6]
+    run_id = (out / "wandb_id").read_text()  # the three sessions are one W&B run, synced later with `wandb sync`
+    assert len(list(out.glob(f"wandb/offline-run-*-{run_id}"))) == len(list(out.glob("wandb/offline-run-*"))) == 3
     shown = wandb_shows(out)
     assert sorted(shown) == sorted(jsonl)  # step 4 of the crashed session is gone, as from metrics.jsonl
     assert all(shown[s][k] == pytest.approx(v) for s in jsonl for k, v in jsonl[s].items() if v is not None)
