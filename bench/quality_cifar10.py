@@ -68,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=32, help="px of the views and of the probe's centre view")
     p.add_argument("--epoch_images", type=int, default=TRAIN_IMAGES,
                    help="images per epoch (the example's warm-up, the online probe's interval); fewer: more epochs")
+    p.add_argument("--steps", type=int, default=0,
+                   help="> 0: every trained run takes this many steps, no calibration: for differences that leave "
+                        "the step's cost alone, beside a run of that length (a seed and a step count give the same "
+                        "run, bit for bit, on one machine)")
     p.add_argument("--official_batch", type=int, default=256, help="the example's batch (smaller: a smoke run)")
     p.add_argument("--shots", nargs="+", default=["10", "all"])
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of every run (2 or 3: no faster)")
@@ -262,8 +266,9 @@ def table(path: str):
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         online = ", ".join(f"{100 * a:.1f}" for a in r.get("online", []))
+        img_s = f"{r['img_s']:.0f}" if r.get("img_s") else "-"  # "-": a run of --steps, not calibrated
         print(f"| {r['name']}{' ' + r['tag'] if r.get('tag') else ''} | {r['seed']} | {r['budget_min']:g} | "
-              f"{r.get('used_min', float('nan')):.1f} | {r.get('steps', '-')} | {r.get('img_s', 0):.0f} | "
+              f"{r.get('used_min', float('nan')):.1f} | {r.get('steps', '-')} | {img_s} | "
               f"{r['linear']:.2f} | {r['knn']:.2f} | "
               f"{r.get('10-shot', float('nan')):.2f} | {online} |")
     runs = {}  # the same run at the same budget over its seeds: the issue's targets are means of 2 seeds
@@ -289,7 +294,8 @@ def main(args):
             sys.exit(f"error: {spec!r}: only minimal_vit_inet.py's runs ({sorted(RECIPES)}) take flags")
         # its folder: NAME-TAG-FLAGS-sSEED-BUDGETmin, letters, digits, '.', '_' and '-' only (no '=', '{', '"')
         tag = "".join("-" + x.removeprefix("--") for x in [args.tag, *extra] if x)
-        out = os.path.join(args.out_dir, re.sub(r"[^\w.-]", "", f"{name}{tag}-s{args.seed}-{args.budget_min:g}min"))
+        size = f"{args.steps}steps" if args.steps else f"{args.budget_min:g}min"
+        out = os.path.join(args.out_dir, re.sub(r"[^\w.-]", "", f"{name}{tag}-s{args.seed}-{size}"))
         if out in [o for *_, o in runs.values()]:  # the same spec twice, or two that name one folder
             sys.exit(f"error: --runs {spec!r} would share {out} with an earlier run (a second seed: --seed)")
         runs[spec] = name, extra, out
@@ -305,7 +311,8 @@ def main(args):
     # hours, so runs calibrated apart would split the budget by the hour, not by the recipe
     plans = {}
     for spec, (name, extra, out) in runs.items():
-        if name in ("pixels", "random"):
+        if name in ("pixels", "random") or args.steps:
+            plans[spec] = dict(steps=args.steps, spent_s=0.0)
             continue
         t0 = time.perf_counter()
         c = pretrained(name, out, args, extra)
@@ -321,7 +328,7 @@ def main(args):
         else:
             t0, steps = time.perf_counter(), plans[spec]["steps"]
             r = pretrained(name, out, args, extra, steps)
-            r |= dict(img_s=plans[spec]["img_s"], pretrain_min=(time.perf_counter() - t0) / 60)
+            r |= dict(img_s=plans[spec].get("img_s", 0.0), pretrain_min=(time.perf_counter() - t0) / 60)
             r["used_min"] = r["pretrain_min"] + plans[spec]["spent_s"] / 60  # calibration + run: the budget, if the plan held
         r |= probe(os.path.basename(out), r.pop("backbone"), args)
         r |= dict(name=name, tag=" ".join([args.tag, *extra]).strip(), seed=args.seed, budget_min=args.budget_min,
