@@ -22,7 +22,11 @@ epoch, linear / k-NN / 10-shot); --table prints that file as docs/recipe_cifar10
 
     python bench/quality_cifar10.py --budget_min 15 --epoch_images 10000 --runs official small pixels --seed 0
     python bench/quality_cifar10.py --budget_min 15 --epoch_images 10000 --runs small small,--lamb=0.02
+    python bench/quality_cifar10.py --budget_min 30 --steps 1326 --epoch_images 10000 --runs small,--lamb=0.1
     python bench/quality_cifar10.py --table
+--steps compares a difference that leaves the step's cost alone with a run already made at that many steps:
+a seed and a step count give the same run, bit for bit, on one machine (the VM's speed, which drifts by a
+fifth within minutes, then changes no run's length; only its duration).
 Data: ../shared/data/cifar10-jpg.tar.gz (train/<class>/*.jpg 5000 per class, test/<class>/*.jpg 1000 per
 class), extracted once to --root; the bench skips with a message when the archive is absent.
 Measured: docs/recipe_cifar10.md (machine, date, every run).

@@ -115,6 +115,27 @@ def test_quality_bench_budget_pays_for_every_epoch_end():
         assert wall(*q.schedule(steps + 1000 // plan["batch"], plan["batch"], args)) > 600  # an epoch more
 
 
+def test_quality_bench_steps_trains_every_run_that_long_and_calibrates_none(tmp_path, monkeypatch, capsys):
+    """--steps N, for a difference that leaves the step's cost alone beside a run of N steps already made: each
+    run is pretrained once, N steps long (no calibration run before it), in a folder that says N steps, and
+    its row in the table has no images/s (none was measured)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quality_cifar10 as q
+    calls = []
+
+    def pretrained(name, out, args, extra, steps=None):  # stands in for the pretraining and the probe
+        calls.append((name, os.path.basename(out), extra, steps))
+        return dict(steps=steps, backbone=[])
+    monkeypatch.setattr(q, "pretrained", pretrained)
+    monkeypatch.setattr(q, "probe", lambda name, backbone, args: dict(linear=50.0, knn=40.0))
+    os.makedirs(tmp_path / "data" / "test")
+    q.main(q.parse_args(["--steps", "1326", "--budget_min", "30", "--runs", "official", "small,--weight_decay=5e-2",
+                         "--root", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out")]))
+    assert calls == [("official", "official-s0-1326steps", [], 1326),
+                     ("small", "small-weight_decay5e-2-s0-1326steps", ["--weight_decay=5e-2"], 1326)]
+    assert "| small --weight_decay=5e-2 | 0 | 30 | 0.0 | 1326 | - | 50.00 | 40.00 |" in capsys.readouterr().out
+
+
 def test_quality_bench_refuses_bad_run_specs_before_any_work(tmp_path):
     """A spec given twice (it would run once), two specs that name one folder, or flags on a run that takes
     none: one line, before the data is extracted or anything calibrates (the archive here does not exist:
