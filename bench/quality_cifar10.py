@@ -289,6 +289,8 @@ def main(args):
     results = os.path.join(args.out_dir, "results.jsonl")
     if args.table:
         return table(results)
+    if args.steps < 0:
+        sys.exit(f"error: --steps {args.steps}: steps > 0 (0, the default: calibrate to --budget_min)")
     runs = {}  # spec -> (name, its extra flags, out dir); a spec: NAME or NAME,--flag=value,... (an ablation)
     for spec in args.runs:
         name, *extra = spec.split(",")
@@ -296,7 +298,7 @@ def main(args):
             sys.exit(f"error: unknown run {name!r}: official, pixels, random or one of {sorted(RECIPES)}")
         if extra and name not in RECIPES:
             sys.exit(f"error: {spec!r}: only minimal_vit_inet.py's runs ({sorted(RECIPES)}) take flags")
-        # its folder: NAME-TAG-FLAGS-sSEED-BUDGETmin, letters, digits, '.', '_' and '-' only (no '=', '{', '"')
+        # its folder: NAME-TAG-FLAGS-sSEED-BUDGETmin (or STEPSsteps): letters, digits, '.', '_', '-' only
         tag = "".join("-" + x.removeprefix("--") for x in [args.tag, *extra] if x)
         size = f"{args.steps}steps" if args.steps else f"{args.budget_min:g}min"
         out = os.path.join(args.out_dir, re.sub(r"[^\w.-]", "", f"{name}{tag}-s{args.seed}-{size}"))

@@ -137,14 +137,15 @@ def test_quality_bench_steps_trains_every_run_that_long_and_calibrates_none(tmp_
 
 
 def test_quality_bench_refuses_bad_run_specs_before_any_work(tmp_path):
-    """A spec given twice (it would run once), two specs that name one folder, or flags on a run that takes
-    none: one line, before the data is extracted or anything calibrates (the archive here does not exist:
-    nothing else could have run). A folder's name keeps the flags' letters, digits, '.', '_' and '-'."""
+    """A spec given twice (it would run once), two specs that name one folder, flags on a run that takes
+    none, or a negative --steps: one line, before the data is extracted or anything calibrates (the archive
+    here does not exist: nothing else could have run). A folder's name keeps the flags' letters, digits, '.',
+    '_' and '-'."""
     jitter, stride = "small,--jitter,0.8,0.8,0.8,0.2", ['small,--model_kwargs={"output_stride": 16}',
                                                        'small,--model_kwargs={"output_stride":16}']
     for runs, says in ((["small", "small"], "small-s0-15min with"), ([jitter, jitter], "/small-jitter-0.8-0.8"),
                        (stride, "/small-model_kwargsoutput_stride16-s0-15min with"),
-                       (["official,--lr=1"], "take flags")):
+                       (["official,--lr=1"], "take flags"), (["small", "--steps", "-1"], "--steps -1")):
         r = subprocess.run([sys.executable, str(ROOT / "bench" / "quality_cifar10.py"), "--runs", *runs, "--root",
                             str(tmp_path / "none"), "--archive", str(tmp_path / "none.tar.gz"), "--out_dir",
                             str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
