@@ -317,7 +317,9 @@ def main(args):
     # hours, so runs calibrated apart would split the budget by the hour, not by the recipe
     plans = {}
     for spec, (name, extra, out) in runs.items():
-        if name in ("pixels", "random") or args.steps:
+        if name in ("pixels", "random"):
+            continue
+        if args.steps:  # a fixed length: nothing to calibrate
             plans[spec] = dict(steps=args.steps, spent_s=0.0)
             continue
         t0 = time.perf_counter()

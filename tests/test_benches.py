@@ -123,7 +123,7 @@ def test_quality_bench_steps_trains_every_run_that_long_and_calibrates_none(tmp_
     import quality_cifar10 as q
     calls = []
 
-    def pretrained(name, out, args, extra, steps=None):  # stands in for the pretraining and the probe
+    def pretrained(name, out, args, extra, steps=None):  # stands in for the pretraining (and the lambda below for the probe)
         calls.append((name, os.path.basename(out), extra, steps))
         return dict(steps=steps, backbone=[])
     monkeypatch.setattr(q, "pretrained", pretrained)
