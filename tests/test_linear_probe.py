@@ -22,15 +22,6 @@ from test_pretrain import TINY, env, free_port  # noqa: E402
 FAST = ["--epochs", "20", "--min_steps", "100", "--workers", "0", "--batch_size", "64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The heads here are tiny: one thread is faster, and on a busy CI machine far faster than contended threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data):
     """A tiny single-process pretraining run (10 steps): ckpt.pt and export/ to probe."""
