@@ -74,15 +74,15 @@ def test_quality_bench_side_by_side(tmp_path):
     calibrated before either trains, each probed by linear_probe.py, one line each in results.jsonl and the
     table."""
     rng = np.random.default_rng(0)
-    for split, n in (("train", 48), ("test", 3)):  # 480: the calibration's 30-step epoch at batch 16
+    for split, n in (("train", 24), ("test", 3)):  # 240: the calibration's 30-step epoch at batch 8
         for c in range(10):
             os.makedirs(tmp_path / "data" / split / f"c{c}")
             for i in range(n):
                 pixels = rng.integers(0, 256, (32, 32, 3)) // 2 + 12 * c  # a class-dependent tint
                 Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "data" / split / f"c{c}" / f"{i}.jpg")
     out = bench("quality_cifar10.py", "--budget_min", 0.05, "--runs", "official", "small,--lamb=0.02", "--root",
-                tmp_path / "data", "--out_dir", tmp_path / "out", "--epoch_images", 80, "--official_batch", 16,
-                "--flags=--batch_size 16 --proj_hidden 64 --num_slices 32", "--shots", "all", "--threads", 1)
+                tmp_path / "data", "--out_dir", tmp_path / "out", "--epoch_images", 40, "--official_batch", 8,
+                "--flags=--batch_size 8 --proj_hidden 64 --num_slices 32", "--shots", "all", "--threads", 1)
     rows = [json.loads(line) for line in open(tmp_path / "out" / "results.jsonl")]
     assert [(r["name"], r["tag"]) for r in rows] == [("official", ""), ("small", "--lamb=0.02")]
     assert rows[1]["flags"].endswith("--lamb=0.02")
