@@ -6,7 +6,7 @@ import torch
 from test_pretrain import write_image_folder
 
 # One thread in every process of the suite: README's command runs a worker per core, and most tests launch
-# processes of their own; two threads each oversubscribe the cores (the suite took 28% more CPU time so).
+# processes of their own; two threads each oversubscribe the cores (1.6x the CPU time: docs/testing.md).
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
