@@ -18,7 +18,7 @@ def test_cpu_form_writes_every_items_rows_with_sane_values(tmp_path):
     data = write_image_folder(tmp_path / "imgs", per_class=24)
     (data / "validation").rename(data / "test")  # the CIFAR-10 archive's layout: train/ and test/
     out = tmp_path / "out"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf_cache"), TQDM_DISABLE="1")
     env.pop("RANK", None)
     env.pop("OUT", None)

@@ -48,7 +48,7 @@ def free_port():
 
 
 def env(tmp):
-    e = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp / "hf_cache"), HF_HUB_OFFLINE="1",
+    e = dict(os.environ, HF_DATASETS_CACHE=str(tmp / "hf_cache"), HF_HUB_OFFLINE="1",
              HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
     e.pop("RANK", None)
     return e
@@ -290,7 +290,6 @@ def probe_model_and_val(folder, rank=0, world=1):
 def probe_rank(rank, port, folder, out):
     """torch.multiprocessing worker: rank's share of the validation images through evaluate_probe, under gloo."""
     import torch.distributed as dist
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model, _, loader = probe_model_and_val(folder, rank, 2)
     acc = mvi.evaluate_probe(model, loader, torch.device("cpu"), torch.autocast("cpu", enabled=False))

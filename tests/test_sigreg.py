@@ -198,7 +198,7 @@ def test_ddp_two_ranks_equal_one_process(tmp_path, collective):
     """Two gloo ranks, half a batch each, against one process on the whole batch (eager and torch.compile);
     also when the all-reduce has no autograd, as on torch before late 2025 (the gradient must not rely on it).
     Then one sample per rank against one process on the two: N >= 2 is a condition on the global batch."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            "--master_port=0", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
            os.path.join(HERE, "ddp_sigreg_worker.py"), str(tmp_path), collective]
