@@ -22,7 +22,7 @@ epoch, linear / k-NN / 10-shot); --table prints that file as docs/recipe_cifar10
 
     python bench/quality_cifar10.py --budget_min 15 --epoch_images 10000 --runs official small pixels --seed 0
     python bench/quality_cifar10.py --budget_min 15 --epoch_images 10000 --runs small small,--lamb=0.02
-    python bench/quality_cifar10.py --budget_min 30 --steps 1326 --epoch_images 10000 --runs small,--lamb=0.1
+    python bench/quality_cifar10.py --budget_min 30 --steps 1326 --epoch_images 10000 --runs small,--warmup_epochs=1
     python bench/quality_cifar10.py --table
 --steps compares a difference that leaves the step's cost alone with a run already made at that many steps:
 a seed and a step count give the same run, bit for bit, on one machine (the VM's speed, which drifts by a
@@ -48,8 +48,8 @@ TRAIN_IMAGES = 50_000
 # minimal_vit_inet.py flags of each named recipe (data, model, size, seed and the schedule's length are added
 # by the bench). "small" is the README's small-image command: the best measured so far (docs/recipe_cifar10.md).
 RECIPES = {
-    "small": "--n_global 2 --n_local 4 --local_size 16 --batch_size 128 --proj_hidden 512 --lr 2e-3 "
-             "--warmup_epochs 0.1 --final_lr_div 2",  # the cosine ends at lr / 2 (since 2026-12-05 19:00)
+    "small": "--n_global 2 --n_local 4 --local_size 16 --batch_size 128 --proj_hidden 512 --proj_dim 16 "
+             "--lamb 0.1 --lr 2e-3 --warmup_epochs 0.1 --final_lr_div 2",  # lamb 0.1, output 16: since 2026-12-06
     # the official example's values as flags: the "official" run, but minimal_vit_inet.py's code path
     "official-flags": "--n_global 4 --n_local 0 --global_scale 0.08 1 --jitter 0.8 0.8 0.8 0.2 --lamb 0.02 "
                       "--proj_dim 16 --num_slices 256 --batch_size 256 --weight_decay 0.05 --lr 2e-3 "
