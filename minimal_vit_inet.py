@@ -69,7 +69,6 @@ class Config:  # every field is a flag: --field value (bools: true / false)
     global_scale: tuple[float, float] = (0.3, 1.0)  # RandomResizedCrop area fraction
     local_scale: tuple[float, float] = (0.05, 0.3)
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # ColorJitter: brightness, contrast, ...
-    # model
     model: str = "vit_large_patch14_224"  # any timm name (ViT, ConvNeXt, ResNet, ...), trained from scratch
     model_kwargs: dict = None  # more timm.create_model arguments, JSON: {"output_stride": 16} (small images)
     drop_path: float = 0.0  # stochastic depth; > 0 makes resume not bit-exact (its RNG is not saved)
@@ -89,7 +88,6 @@ class Config:  # every field is a flag: --field value (bools: true / false)
     probe_weight_decay: float = 1e-6
     bf16: bool = torch.cuda.is_available()  # bf16 autocast (no GradScaler: that is for fp16)
     seed: int = 0
-    # logs and checkpoints
     out_dir: str = "out/lejepa"  # ckpt.pt, metrics.jsonl, export/ (the backbone for timm); a rerun resumes
     log_every: int = 10  # steps between metric lines (the only host syncs of training)
     save_every: int = 1000  # steps between checkpoints (also at every epoch end)
@@ -176,7 +174,10 @@ class LeJEPA(nn.Module):
     def forward(self, groups: list, N: int, n_global: int):
         """groups: the views of each size (V_s * N, 3, S, S), view-major, globals first -> proj (V, N, P), and
         the probe's logits (n_global * N, C) or None: the probe learns from the global views."""
-        emb = torch.cat([self.backbone(x) for x in groups])  # (V * N, D): one backbone call per view size
+        # eval mode reads BatchNorm's running statistics: the global views' alone; local views update a copy
+        spare = {name: b.clone() for name, b in self.backbone.named_buffers()}  # (small crops: other stats)
+        local = [torch.func.functional_call(self.backbone, spare, x) for x in groups[1:]]
+        emb = torch.cat([self.backbone(groups[0])] + local)  # (V * N, D): one backbone call per view size
         logits = self.probe(emb[:n_global * N].detach()) if self.probe is not None else None
         return self.projector(emb).unflatten(0, (-1, N)), logits
 
@@ -576,8 +577,7 @@ def claim_out_dir(cfg: Config, rank: int, world: int) -> int:
             saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # mmap: no full read
         except Exception as err:
             sys.exit(f"error: cannot read {path} ({err!r}); move it away to start afresh")
-        diff = [f"--{k} {saved['config'].get(k)!r} there, {v!r} here"
-                for k, v in dataclasses.asdict(cfg).items()
+        diff = [f"--{k} {saved['config'].get(k)!r} there, {v!r} here" for k, v in vars(cfg).items()
                 if k not in RESUMABLE and saved["config"].get(k) != v]
         if diff:
             sys.exit(f"error: {path} belongs to another run ({'; '.join(diff)}); use another --out_dir, or "
