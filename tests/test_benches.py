@@ -95,6 +95,26 @@ def test_unseen_folder_from_the_fashion_mnist_package(tmp_path):
                 seen.add((c, match[0]))
 
 
+def test_unseen_folder_from_a_gtsrb_folder(tmp_path):
+    """A stand-in of the GTSRB clone's layout (Final_Training/Images/<class>/*.ppm and Final_Test/...): every
+    colour image lands once, pixel for pixel, in train/ or test/ as its source folder says, under its class."""
+    rng = np.random.default_rng(0)
+    sources = {}
+    for split, folder, n in (("train", "Final_Training", 4), ("test", "Final_Test", 2)):
+        for c in ("30_kmh", "stopp"):
+            os.makedirs(tmp_path / "GTSRB" / folder / "Images" / c)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (35, 35, 3)).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "GTSRB" / folder / "Images" / c / f"{i:05d}.ppm")
+                sources[(split, c, pixels.tobytes())] = sources.get((split, c, pixels.tobytes()), 0) + 1
+    os.makedirs(tmp_path / "GTSRB" / "Helper")  # other files in the clone are not images of the set
+    (tmp_path / "GTSRB" / "Helper" / "images.py").write_text("")
+    bench("unseen_folder.py", tmp_path / "GTSRB", "--out", tmp_path / "out")
+    files = sorted((tmp_path / "out").glob("*/*/*.png"))
+    written = [(f.parts[-3], f.parts[-2], np.array(Image.open(f)).tobytes()) for f in files]
+    assert len(written) == 12 and sorted(written) == sorted(sources)
+
+
 def test_quality_bench_side_by_side(tmp_path):
     """The side-by-side bench end to end on a tiny CIFAR-like folder (10 classes of 32 px JPEGs): the official
     example's recipe and minimal_vit_inet.py's small-image recipe with one ablation's difference, both
