@@ -192,7 +192,7 @@ def official(out: str, args, extra=(), steps=None) -> dict:
 
     backbone = timm.create_model(args.model, pretrained=False, num_classes=512, drop_path_rate=0.1)
     projector = MLP(512, [2048, 2048, 16], norm_layer=nn.BatchNorm1d)
-    probe = nn.Sequential(nn.LayerNorm(512), nn.Linear(512, 10))
+    probe = nn.Sequential(nn.LayerNorm(512), nn.Linear(512, len(train_ds.classes)))
     sigreg = SIGReg(num_slices=256, seed=args.seed)
     net = nn.ModuleList([backbone, projector])
     opt = torch.optim.AdamW([dict(params=net.parameters(), lr=lr, weight_decay=5e-2),
