@@ -24,6 +24,14 @@ def bench(script, *args):
     return r.stdout
 
 
+def refused(script, *args):
+    """A bench script that must refuse its arguments: exit 1 with one line on stderr, quickly."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
 def test_train_step_bench(tmp_path):
     out = bench("train_step_bench.py", "--global_size", 32, "--local_size", 16, "--batch", 4,
                 "--n_local", 2, "--num_slices", 64, "--proj_hidden", 64, "--proj_dim", 16, "--num_classes", 4,
@@ -117,10 +125,8 @@ def test_unseen_folder_from_a_gtsrb_folder(tmp_path):
     assert len(written) == 12 and sorted(written) == sorted(sources)
     shutil.rmtree(tmp_path / "GTSRB" / "Final_Test")  # a folder without the test split, or no folder: one line each
     for source, says in ((tmp_path / "GTSRB", "is not a GTSRB folder"), (tmp_path / "nowhere", "does not exist")):
-        r = subprocess.run([sys.executable, ROOT / "bench" / "unseen_folder.py", source, "--out", tmp_path / "out2"],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 1 and r.stderr.startswith("error: ") and says in r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out2").exists()
+        r = refused("unseen_folder.py", source, "--out", tmp_path / "out2")
+        assert r.stderr.startswith("error: ") and says in r.stderr and not (tmp_path / "out2").exists()
 
 
 def test_quality_bench_side_by_side(tmp_path):
@@ -201,8 +207,7 @@ def test_quality_bench_refuses_bad_run_specs_before_any_work(tmp_path):
     for runs, says in ((["small", "small"], "small-s0-15min with"), ([jitter, jitter], "/small-jitter-0.8-0.8"),
                        (stride, "/small-model_kwargsoutput_stride16-s0-15min with"),
                        (["official,--lr=1"], "take flags"), (["small", "--steps", "-1"], "--steps -1")):
-        r = subprocess.run([sys.executable, str(ROOT / "bench" / "quality_cifar10.py"), "--runs", *runs, "--root",
-                            str(tmp_path / "none"), "--archive", str(tmp_path / "none.tar.gz"), "--out_dir",
-                            str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        r = refused("quality_cifar10.py", "--runs", *runs, "--root", tmp_path / "none", "--archive",
+                    tmp_path / "none.tar.gz", "--out_dir", tmp_path / "out")
+        assert says in r.stderr, r.stderr
         assert not (tmp_path / "out").exists() and "skipped" not in r.stdout
