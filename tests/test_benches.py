@@ -17,17 +17,20 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_script(script, *args, timeout):
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def bench(script, *args):
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = run_script(script, *args, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout
 
 
 def refused(script, *args):
     """A bench script that must refuse its arguments: exit 1 with one line on stderr, quickly."""
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    r = run_script(script, *args, timeout=60)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
