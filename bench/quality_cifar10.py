@@ -26,7 +26,10 @@ epoch, linear / k-NN / 10-shot); --table prints that file as docs/recipe_cifar10
     python bench/quality_cifar10.py --table
 --steps compares a difference that leaves the step's cost alone with a run already made at that many steps:
 a seed and a step count give the same run, bit for bit, on one machine (the VM's speed, which drifts by a
-fifth within minutes, then changes no run's length; only its duration).
+fifth within minutes, then changes no run's length; only its duration). 20 calibration steps read a step's
+time to within 10-20% on this VM, so after each calibrated run the bench prints the --steps that fill the same
+budget at the pace the run kept (column s/step: start-up and epoch ends included): a pair whose "min used"
+differ is rerun at those counts.
 Data: ../shared/data/cifar10-jpg.tar.gz (train/<class>/*.jpg 5000 per class, test/<class>/*.jpg 1000 per
 class), extracted once to --root; the bench skips with a message when the archive is absent.
 Measured: docs/recipe_cifar10.md (machine, date, every run).
@@ -266,13 +269,15 @@ def probe(name: str, backbone: list, args) -> dict:
 
 def table(path: str):
     rows = [json.loads(line) for line in open(path)]
-    print("| run | seed | budget min | min used | steps | img/s | linear | k-NN | 10-shot | online probe per epoch |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | seed | budget min | min used | steps | img/s | s/step | linear | k-NN | 10-shot | "
+          "online probe per epoch |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         online = ", ".join(f"{100 * a:.1f}" for a in r.get("online", []))
         img_s = f"{r['img_s']:.0f}" if r.get("img_s") else "-"  # "-": a run of --steps, not calibrated
         print(f"| {r['name']}{' ' + r['tag'] if r.get('tag') else ''} | {r['seed']} | {r['budget_min']:g} | "
               f"{r.get('used_min', float('nan')):.1f} | {r.get('steps', '-')} | {img_s} | "
+              f"{60 * r.get('pretrain_min', float('nan')) / r.get('steps', 1):.2f} | "  # start-up, epoch ends in
               f"{r['linear']:.2f} | {r['knn']:.2f} | "
               f"{r.get('10-shot', float('nan')):.2f} | {online} |")
     runs = {}  # the same run at the same budget over its seeds: the targets are means of 2 seeds
@@ -338,6 +343,11 @@ def main(args):
             r = pretrained(name, out, args, extra, steps)
             r |= dict(img_s=plans[spec].get("img_s", 0.0), pretrain_min=(time.perf_counter() - t0) / 60)
             r["used_min"] = r["pretrain_min"] + plans[spec]["spent_s"] / 60  # calibration + run: the budget, if the plan held
+            if not args.steps:  # 20 calibration steps misread a step by 10-20% on this VM: the pace the run kept
+                left_s = args.budget_min * 60 - plans[spec]["spent_s"]
+                fill = max(10, int(r["steps"] * left_s / (r["pretrain_min"] * 60)))
+                print(f"{spec}: used {r['used_min']:.1f} of {args.budget_min:g} min; at the pace it ran, --steps "
+                      f"{fill} fills it, less the {plans[spec]['spent_s']:.0f} s calibrated", flush=True)
         r |= probe(os.path.basename(out), r.pop("backbone"), args)
         r |= dict(name=name, tag=" ".join([args.tag, *extra]).strip(), seed=args.seed, budget_min=args.budget_min,
                   model=args.model)

@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,6 +158,9 @@ def test_quality_bench_side_by_side(tmp_path):
     assert len(rows[0]["online"]) == len(rows[1]["online"]) >= 1  # both evaluate after each epoch
     assert "| official |" in out and "| small --lamb=0.02 |" in out
     assert all(r["used_min"] >= r["pretrain_min"] > 0 for r in rows)  # the calibration is in the budget too
+    for spec, r in zip(("official", "small,--lamb=0.02"), rows):  # the pace each kept, for a rerun at --steps
+        fill = int(re.search(rf"{spec}: used .* --steps (\d+) fills it", out)[1])
+        assert fill == max(10, int(r["steps"] * (0.05 - r["used_min"] + r["pretrain_min"]) / r["pretrain_min"])), r
 
 
 def test_quality_bench_budget_pays_for_every_epoch_end():
@@ -197,7 +201,7 @@ def test_quality_bench_steps_trains_every_run_that_long_and_calibrates_none(tmp_
                          "--root", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out")]))
     assert calls == [("official", "official-s0-1326steps", [], 1326),
                      ("small", "small-weight_decay5e-2-s0-1326steps", ["--weight_decay=5e-2"], 1326)]
-    assert "| small --weight_decay=5e-2 | 0 | 30 | 0.0 | 1326 | - | 50.00 | 40.00 |" in capsys.readouterr().out
+    assert "| small --weight_decay=5e-2 | 0 | 30 | 0.0 | 1326 | - | 0.00 | 50.00 | 40.00 |" in capsys.readouterr().out
 
 
 def test_quality_bench_refuses_bad_run_specs_before_any_work(tmp_path):
