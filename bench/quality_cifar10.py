@@ -277,7 +277,7 @@ def table(path: str):
         img_s = f"{r['img_s']:.0f}" if r.get("img_s") else "-"  # "-": a run of --steps, not calibrated
         print(f"| {r['name']}{' ' + r['tag'] if r.get('tag') else ''} | {r['seed']} | {r['budget_min']:g} | "
               f"{r.get('used_min', float('nan')):.1f} | {r.get('steps', '-')} | {img_s} | "
-              f"{60 * r.get('pretrain_min', float('nan')) / r.get('steps', 1):.2f} | "  # start-up, epoch ends in
+              f"{60 * r.get('pretrain_min', float('nan')) / r.get('steps', 1):.2f} | "  # start-up, epoch ends included
               f"{r['linear']:.2f} | {r['knn']:.2f} | "
               f"{r.get('10-shot', float('nan')):.2f} | {online} |")
     runs = {}  # the same run at the same budget over its seeds: the targets are means of 2 seeds
@@ -339,15 +339,14 @@ def main(args):
         elif name == "random":
             r = dict(backbone=["--model", args.model, "--seed", str(args.seed)])
         else:
-            t0, steps = time.perf_counter(), plans[spec]["steps"]
+            t0, steps, spent_s = time.perf_counter(), plans[spec]["steps"], plans[spec]["spent_s"]
             r = pretrained(name, out, args, extra, steps)
             r |= dict(img_s=plans[spec].get("img_s", 0.0), pretrain_min=(time.perf_counter() - t0) / 60)
-            r["used_min"] = r["pretrain_min"] + plans[spec]["spent_s"] / 60  # calibration + run: the budget, if the plan held
+            r["used_min"] = r["pretrain_min"] + spent_s / 60  # calibration + run: the budget, if the plan held
             if not args.steps:  # 20 calibration steps misread a step by 10-20% on this VM: the pace the run kept
-                left_s = args.budget_min * 60 - plans[spec]["spent_s"]
-                fill = max(10, int(r["steps"] * left_s / (r["pretrain_min"] * 60)))
+                fill = max(10, int(r["steps"] * (args.budget_min * 60 - spent_s) / (r["pretrain_min"] * 60)))
                 print(f"{spec}: used {r['used_min']:.1f} of {args.budget_min:g} min; at the pace it ran, --steps "
-                      f"{fill} fills it, less the {plans[spec]['spent_s']:.0f} s calibrated", flush=True)
+                      f"{fill} fills it, less the {spent_s:.0f} s calibrated", flush=True)
         r |= probe(os.path.basename(out), r.pop("backbone"), args)
         r |= dict(name=name, tag=" ".join([args.tag, *extra]).strip(), seed=args.seed, budget_min=args.budget_min,
                   model=args.model)

@@ -159,7 +159,7 @@ def test_quality_bench_side_by_side(tmp_path):
     assert "| official |" in out and "| small --lamb=0.02 |" in out
     assert all(r["used_min"] >= r["pretrain_min"] > 0 for r in rows)  # the calibration is in the budget too
     for spec, r in zip(("official", "small,--lamb=0.02"), rows):  # the pace each kept, for a rerun at --steps
-        fill = int(re.search(rf"{spec}: used .* --steps (\d+) fills it", out)[1])
+        fill = int(re.search(re.escape(spec) + r": used .* --steps (\d+) fills it", out)[1])
         assert fill == max(10, int(r["steps"] * (0.05 - r["used_min"] + r["pretrain_min"]) / r["pretrain_min"])), r
 
 
