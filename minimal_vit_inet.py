@@ -487,7 +487,7 @@ def parse_config(argv=None) -> Config:
         if not ok:
             sys.exit(f"error: {msg}")
     patch = patch_size(cfg.model, cfg.model_kwargs or {})
-    if cfg.global_size % patch or cfg.local_size % patch:
+    if cfg.global_size % patch or cfg.n_local and cfg.local_size % patch:  # no local views: no local size
         glob, loc = [round(s / patch) * patch for s in (cfg.global_size, cfg.local_size)]  # nearest multiples
         sys.exit(f"error: {cfg.model} cuts images into {patch} px patches: --global_size {cfg.global_size} "
                  f"and --local_size {cfg.local_size} must be multiples of {patch}, e.g. {glob} and {loc}")

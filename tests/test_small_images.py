@@ -36,6 +36,7 @@ def test_model_kwargs_are_checked_before_anything_loads():
     assert mvi.parse_config([*vit, "--local_size", "16"]).model_kwargs == {"patch_size": 4}
     with pytest.raises(SystemExit, match="cuts images into 4 px patches"):  # timm's patch, not the name's 16
         mvi.parse_config([*vit, "--local_size", "18"])
+    assert mvi.parse_config([*vit, "--n_local", "0"]).local_size == 98  # the small-image command: no local views
     with pytest.raises(SystemExit, match="error: resnet18 with --model_kwargs .*no_such_argument"):
         mvi.parse_config(["--model", "resnet18", "--model_kwargs", '{"no_such_argument": 1}'])
     with pytest.raises(SystemExit, match="error: resnet18 with --model_kwargs"):  # JSON, but not an object
