@@ -690,9 +690,8 @@ def find_columns(ds, image_column: str = "", label_column: str = ""):
     return image, find(label_column, datasets.ClassLabel, ("label", "cls", "fine_label", "labels"))
 
 
-def count_classes(ds, label_col) -> int:
-    feature = ds.features.get(label_col)
-    return feature.num_classes if isinstance(feature, datasets.ClassLabel) else int(max(ds[label_col])) + 1
+def count_classes(ds, label_col) -> int:  # a ClassLabel's count, else the highest label + 1
+    return getattr(ds.features.get(label_col), "num_classes", 0) or int(max(ds[label_col])) + 1
 
 
 def eval_transform(img: Image.Image, size: int = 224) -> torch.Tensor:
@@ -765,14 +764,15 @@ def load_checkpoint(cfg, model: LeJEPA, optimizer, sigreg) -> int:
 
 def print_setup(cfg, data, model, optimizer, world, device, total, warmup, start):
     params = sum(p.numel() for p in model.backbone.parameters()) / 1e6
+    probe = f"on {cfg.val_split!r}" if data.val_loader else f"off (--val_split {cfg.val_split!r}: no labels)"
     print0(f"torch {torch.__version__} | timm {timm.__version__} | datasets {datasets.__version__} | "
            f"{world} process(es) on {device.type} | {'bf16' if cfg.bf16 else 'fp32'}")
     print0("config: " + json.dumps(dataclasses.asdict(cfg)))
     print0(f"derived: global batch {cfg.batch_size} ({cfg.batch_size // world}/rank) | views/step "
            f"{(cfg.n_global + cfg.n_local) * cfg.batch_size} | steps/epoch {data.steps_per_epoch} | total "
            f"steps {total} | warm-up {warmup} steps ({cfg.warmup_epochs:g} epochs) | weight decay "
-           f"{optimizer.param_groups[0]['weight_decay']} | backbone {params:.1f}M params | probe classes "
-           f"{data.num_classes} | start step {start}")
+           f"{optimizer.param_groups[0]['weight_decay']} | backbone {params:.1f}M params | online probe "
+           f"{probe}, {data.num_classes} classes | start step {start}")
 
 
 class Logger:

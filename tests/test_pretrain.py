@@ -361,6 +361,7 @@ def test_ddp_run_logs_every_step_its_loss_falls_and_its_checkpoint_is_whole(full
     assert [r["probe_acc"] for r in records if "probe_acc" in r] and all(
         0 <= r["probe_acc"] <= 1 for r in records if "probe_acc" in r)  # evaluated each epoch
     assert "global batch 16 (8/rank)" in stdout and f"total steps {total}" in stdout
+    assert "online probe on 'validation', 4 classes" in stdout
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == total and ckpt["sigreg"] and ckpt["optimizer"]["state"] and ckpt["config"]["lamb"] == 0.05
     assert "warm-up 5 steps (0.5 epochs)" in stdout

@@ -17,9 +17,10 @@ def test_model_kwargs_reach_the_backbone_the_probe_and_the_export(tmp_path, data
     cmd = [sys.executable, "minimal_vit_inet.py", "--dataset", str(data), "--model", "resnet18",
            "--model_kwargs", '{"output_stride": 16}', "--global_size", "32", "--local_size", "16", "--n_local", "2",
            "--proj_hidden", "32", "--proj_dim", "8", "--num_slices", "16", "--batch_size", "16", "--epochs", "2",
-           "--steps_per_epoch", "2", "--workers", "0", "--out_dir", str(out)]
+           "--steps_per_epoch", "2", "--workers", "0", "--out_dir", str(out), "--val_split", "test"]
     r = subprocess.run(cmd, cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "online probe off (--val_split 'test': no labels), 4 classes" in r.stdout  # the data has no test split
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     # timm's ResNet at output stride 16 keeps a 2 x 2 map of a 32 px view; at its default 32, a 1 x 1 map
     assert timm.create_model("resnet18").forward_features(x).shape[-2:] == (1, 1)
