@@ -267,6 +267,13 @@ def probe(name: str, backbone: list, args) -> dict:
         knn=res["all"]["knn"])  # percentages
 
 
+def label(r: dict) -> str:
+    """A run's name in the tables: NAME and its tag; "(earlier flags)" if RECIPES[NAME] has changed since."""
+    now = " ".join(RECIPES[r["name"]].split()) if r["name"] in RECIPES else None
+    earlier = now and r.get("flags") and not r["flags"].startswith(now)
+    return f"{r['name']}{' ' + r['tag'] if r.get('tag') else ''}{' (earlier flags)' if earlier else ''}"
+
+
 def table(path: str):
     rows = [json.loads(line) for line in open(path)]
     print("| run | seed | budget min | min used | steps | img/s | s/step | linear | k-NN | 10-shot | "
@@ -275,18 +282,18 @@ def table(path: str):
     for r in rows:
         online = ", ".join(f"{100 * a:.1f}" for a in r.get("online", []))
         img_s = f"{r['img_s']:.0f}" if r.get("img_s") else "-"  # "-": a run of --steps, not calibrated
-        print(f"| {r['name']}{' ' + r['tag'] if r.get('tag') else ''} | {r['seed']} | {r['budget_min']:g} | "
+        print(f"| {label(r)} | {r['seed']} | {r['budget_min']:g} | "
               f"{r.get('used_min', float('nan')):.1f} | {r.get('steps', '-')} | {img_s} | "
               f"{60 * r.get('pretrain_min', float('nan')) / r.get('steps', 1):.2f} | "  # start-up, epoch ends included
               f"{r['linear']:.2f} | {r['knn']:.2f} | "
               f"{r.get('10-shot', float('nan')):.2f} | {online} |")
     runs = {}  # the same run at the same budget over its seeds: the issue's targets are means of 2 seeds
-    for r in rows:
-        runs.setdefault((r["name"], r.get("tag", ""), r["budget_min"]), []).append(r)
+    for r in rows:  # the same flags too: a recipe changed under its name is not averaged with its past
+        runs.setdefault((label(r), r["budget_min"], r.get("flags")), []).append(r)
     print("\n| run | budget min | seeds | linear | k-NN | 10-shot |\n| --- | --- | --- | --- | --- | --- |")
-    for (name, tag, budget), rs in runs.items():
+    for (name, budget, _), rs in runs.items():
         mean = {k: sum(r.get(k, float("nan")) for r in rs) / len(rs) for k in ("linear", "knn", "10-shot")}
-        print(f"| {name}{' ' + tag if tag else ''} | {budget:g} | {', '.join(str(r['seed']) for r in rs)} | "
+        print(f"| {name} | {budget:g} | {', '.join(str(r['seed']) for r in rs)} | "
               f"{mean['linear']:.2f} | {mean['knn']:.2f} | {mean['10-shot']:.2f} |")
 
 

@@ -204,6 +204,24 @@ def test_quality_bench_steps_trains_every_run_that_long_and_calibrates_none(tmp_
     assert "| small --weight_decay=5e-2 | 0 | 30 | 0.0 | 1326 | - | 0.00 | 50.00 | 40.00 |" in capsys.readouterr().out
 
 
+def test_quality_bench_table_never_averages_a_recipe_with_its_earlier_flags(tmp_path, capsys):
+    """A recipe changed under its name (RECIPES["small"] has changed several times): its earlier runs are
+    labelled and averaged apart, not in the 2-seed mean of the recipe as it is now."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quality_cifar10 as q
+    now = " ".join(q.RECIPES["small"].split())
+    rows = [dict(name="small", tag="", seed=0, budget_min=15.0, flags=now, linear=50.0, knn=40.0),
+            dict(name="small", tag="", seed=0, budget_min=15.0, flags="--n_local 4 " + now, linear=10.0, knn=5.0),
+            dict(name="small", tag="", seed=1, budget_min=15.0, flags=now, linear=52.0, knn=42.0),
+            dict(name="official", tag="", seed=0, budget_min=15.0, linear=30.0, knn=20.0)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    q.table(str(tmp_path / "results.jsonl"))
+    means = capsys.readouterr().out.split("| 10-shot |\n")[-1]
+    assert "| small | 15 | 0, 1 | 51.00 | 41.00 |" in means
+    assert "| small (earlier flags) | 15 | 0 | 10.00 | 5.00 |" in means
+    assert "| official | 15 | 0 | 30.00 | 20.00 |" in means
+
+
 def test_quality_bench_refuses_bad_run_specs_before_any_work(tmp_path):
     """A spec given twice (it would run once), two specs that name one folder, flags on a run that takes
     none, or a negative --steps: one line, before the data is extracted or anything calibrates (the archive
