@@ -270,7 +270,7 @@ def probe(name: str, backbone: list, args) -> dict:
 def label(r: dict) -> str:
     """A run's name in the tables: NAME and its tag; "(earlier flags)" if RECIPES[NAME] has changed since."""
     now = " ".join(RECIPES[r["name"]].split()) if r["name"] in RECIPES else None
-    earlier = now and r.get("flags") and not r["flags"].startswith(now)
+    earlier = now and r.get("flags") and not (r["flags"] + " ").startswith(now + " ")  # now + an ablation's
     return f"{r['name']}{' ' + r['tag'] if r.get('tag') else ''}{' (earlier flags)' if earlier else ''}"
 
 
