@@ -222,6 +222,18 @@ def test_quality_bench_table_never_averages_a_recipe_with_its_earlier_flags(tmp_
     assert "| official | 15 | 0 | 30.00 | 20.00 |" in means
 
 
+def test_the_small_image_commands_shown_to_users_are_the_benchs_small_recipe():
+    """README.md's small-image command and docs/pretraining.md's CIFAR-10 one carry RECIPES["small"] (what
+    docs/recipe_cifar10.md measures) word for word: a recipe decided in the bench reaches every page."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quality_cifar10 as q
+    small = " ".join(q.RECIPES["small"].split())
+    for page in ("README.md", "docs/pretraining.md"):
+        text = (ROOT / page).read_text().replace("\\\n", " ")
+        commands = [" ".join(line.split()) for line in text.splitlines() if "--global_size 32" in line]
+        assert commands and all(small in c for c in commands), (page, small, commands)
+
+
 def test_quality_bench_refuses_bad_run_specs_before_any_work(tmp_path):
     """A spec given twice (it would run once), two specs that name one folder, flags on a run that takes
     none, or a negative --steps: one line, before the data is extracted or anything calibrates (the archive
