@@ -231,7 +231,7 @@ def test_the_small_image_commands_shown_to_users_are_the_benchs_small_recipe():
     for page in ("README.md", "docs/pretraining.md"):
         text = (ROOT / page).read_text().replace("\\\n", " ")
         commands = [" ".join(line.split()) for line in text.splitlines() if "--global_size 32" in line]
-        assert commands and all(small in c for c in commands), (page, small, commands)
+        assert commands and all(f" {small} " in f" {c} " for c in commands), (page, small, commands)  # whole words
 
 
 def test_quality_bench_refuses_bad_run_specs_before_any_work(tmp_path):
