@@ -23,6 +23,14 @@ def run_script(script, *args, timeout):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def quality_bench():
+    """bench/quality_cifar10.py as a module, for its pieces (recipes, budget arithmetic, table)."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    import quality_cifar10
+    return quality_cifar10
+
+
 def bench(script, *args):
     r = run_script(script, *args, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -167,8 +175,7 @@ def test_quality_bench_budget_pays_for_every_epoch_end():
     """The planned steps, with the run's start-up and an evaluation + checkpoint at each epoch's end (the last
     included), fit what the calibration left of the budget, and one more epoch would not (a plan that ignored
     the epoch ends gave our runs 18% more wall-clock than the official's in a 30-minute pair)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import quality_cifar10 as q
+    q = quality_bench()
     args = q.parse_args(["--budget_min", "10", "--epoch_images", "1000"])
     for plan in (dict(img_s=100.0, batch=100, epoch_s=5.0, fixed_s=30.0),
                  dict(img_s=131.5, batch=128, epoch_s=11.2, fixed_s=84.0),
@@ -187,8 +194,7 @@ def test_quality_bench_steps_trains_every_run_that_long_and_calibrates_none(tmp_
     """--steps N, for a difference that leaves the step's cost alone beside a run of N steps already made: each
     run is pretrained once, N steps long (no calibration run before it), in a folder that says N steps, and
     its row in the table has no images/s (none was measured)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import quality_cifar10 as q
+    q = quality_bench()
     calls = []
 
     def pretrained(name, out, args, extra, steps=None):  # stands in for the pretraining (and the lambda below for the probe)
@@ -207,8 +213,7 @@ def test_quality_bench_steps_trains_every_run_that_long_and_calibrates_none(tmp_
 def test_quality_bench_table_never_averages_a_recipe_with_its_earlier_flags(tmp_path, capsys):
     """A recipe changed under its name (RECIPES["small"] has changed several times): its earlier runs are
     labelled and averaged apart, not in the 2-seed mean of the recipe as it is now."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import quality_cifar10 as q
+    q = quality_bench()
     now = " ".join(q.RECIPES["small"].split())
     rows = [dict(name="small", tag="", seed=0, budget_min=15.0, flags=now, linear=50.0, knn=40.0),
             dict(name="small", tag="", seed=0, budget_min=15.0, flags="--n_local 4 " + now, linear=10.0, knn=5.0),
@@ -225,8 +230,7 @@ def test_quality_bench_table_never_averages_a_recipe_with_its_earlier_flags(tmp_
 def test_the_small_image_commands_shown_to_users_are_the_benchs_small_recipe():
     """README.md's small-image command and docs/pretraining.md's CIFAR-10 one carry RECIPES["small"] (what
     docs/recipe_cifar10.md measures) word for word: a recipe decided in the bench reaches every page."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import quality_cifar10 as q
+    q = quality_bench()
     small = " ".join(q.RECIPES["small"].split())
     for page in ("README.md", "docs/pretraining.md"):
         text = (ROOT / page).read_text().replace("\\\n", " ")
