@@ -141,6 +141,29 @@ def test_unseen_folder_from_a_gtsrb_folder(tmp_path):
         assert r.stderr.startswith("error: ") and says in r.stderr and not (tmp_path / "out2").exists()
 
 
+def test_unseen_folder_from_a_tiny_imagenet_folder(tmp_path):
+    """A stand-in of Tiny-ImageNet-200's layout (train/<wnid>/images/*.JPEG; val/images/*.JPEG labelled by
+    val/val_annotations.txt), 4 classes: --classes 2 takes every second class folder in sorted order (the
+    clone's wnids.txt is not read), and every file of those two lands once, byte for byte, in train/ or test/
+    under its class; the other classes' images do not."""
+    tin, sources, notes = tmp_path / "tiny-imagenet-200", [], []
+    (tin / "val" / "images").mkdir(parents=True)
+    (tin / "wnids.txt").write_text("n04\n")  # as in the clone: not the classes the folders hold
+    for c, wnid in enumerate(("n03", "n01", "n04", "n02")):
+        (tin / "train" / wnid / "images").mkdir(parents=True)
+        for split, name in [("train", f"{wnid}_{i}.JPEG") for i in range(3)] + [("test", f"val_{c}{i}.JPEG")
+                                                                                 for i in range(2)]:
+            data = os.urandom(40)
+            path = tin / "train" / wnid / "images" / name if split == "train" else tin / "val" / "images" / name
+            path.write_bytes(data)
+            notes += [f"{name}\t{wnid}\t0\t0\t63\t63\n"] if split == "test" else []
+            sources += [(split, wnid, data)] if wnid in ("n01", "n03") else []
+    (tin / "val" / "val_annotations.txt").write_text("".join(reversed(notes)))
+    bench("unseen_folder.py", tin, "--out", tmp_path / "out", "--classes", 2)
+    written = [(f.parts[-3], f.parts[-2], f.read_bytes()) for f in (tmp_path / "out").glob("*/*/*.JPEG")]
+    assert len(written) == 10 and sorted(written) == sorted(sources)
+
+
 def test_quality_bench_side_by_side(tmp_path):
     """The side-by-side bench end to end on a tiny CIFAR-like folder (12 classes of 32 px JPEGs, not CIFAR's
     10): the official example's recipe and minimal_vit_inet.py's small-image recipe with one ablation's
